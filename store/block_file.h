@@ -1,0 +1,39 @@
+// The one door through which the store touches a file. Tests put a
+// fault-injecting, crash-simulating implementation behind it.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace snap {
+
+class BlockFile {
+ public:
+  virtual ~BlockFile() = default;
+  // Reads exactly buf.size() bytes; reading past the end is an error
+  // (kOutOfRange), never a short read.
+  virtual absl::Status PRead(std::span<char> buf, uint64_t offset) = 0;
+  // Writes all of buf, growing the file if needed.
+  virtual absl::Status PWrite(std::span<const char> buf, uint64_t offset) = 0;
+  // Makes every completed write durable (fdatasync).
+  virtual absl::Status Sync() = 0;
+  virtual absl::StatusOr<uint64_t> Size() = 0;
+  // Grows (never shrinks) the file to at least size bytes, sparsely.
+  virtual absl::Status GrowTo(uint64_t size) = 0;
+  // Best effort: turns the range into zeros, freeing space where it can.
+  virtual absl::Status ZeroRange(uint64_t offset, uint64_t length) = 0;
+  virtual const std::string& name() const = 0;
+};
+
+enum class OpenMode { kReadOnly, kReadWrite, kReadWriteCreate };
+
+// A POSIX file. kReadWriteCreate creates it (0644) when missing.
+absl::StatusOr<std::unique_ptr<BlockFile>> OpenPosixFile(const std::string& path,
+                                                         OpenMode mode);
+
+}  // namespace snap

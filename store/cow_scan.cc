@@ -1,0 +1,157 @@
+#include "store/cow_scan.h"
+
+#include <algorithm>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_format.h"
+
+namespace snap {
+
+absl::StatusOr<bool> LooksUnused(BlockFile& file) {
+  absl::StatusOr<uint64_t> size = file.Size();
+  if (!size.ok()) return size.status();
+  std::vector<char> buf(std::min<uint64_t>(*size, 4096));
+  if (absl::Status st = file.PRead(buf, 0); !st.ok()) return st;
+  return std::all_of(buf.begin(), buf.end(), [](char c) { return c == 0; });
+}
+
+absl::StatusOr<CowScan> ScanCow(
+    BlockFile& file, const std::function<void(const ScannedRecord&)>& on_record) {
+  CowScan scan;
+  absl::StatusOr<uint64_t> size = file.Size();
+  if (!size.ok()) return size.status();
+  scan.file_size = *size;
+  const std::string& name = file.name();
+
+  if (scan.file_size < kHeaderBytes) {
+    absl::StatusOr<bool> unused = LooksUnused(file);
+    if (!unused.ok()) return unused.status();
+    if (*unused) {
+      scan.is_new = true;
+    } else {
+      scan.problems.push_back(absl::StrFormat(
+          "%s: truncated in the header (%d bytes, a header needs %d)", name,
+          scan.file_size, kHeaderBytes));
+    }
+    return scan;
+  }
+  char hdr[kHeaderBytes];
+  if (absl::Status st = file.PRead(hdr, 0); !st.ok()) return st;
+  scan.header = DiskHeader::Decode(hdr);
+  const DiskHeader& h = scan.header;
+  if (h.magic == 0) {
+    scan.is_new = true;
+    return scan;
+  }
+  if (h.magic != kSnapMagic) {
+    scan.problems.push_back(absl::StrFormat(
+        "%s: not a dm-snapshot COW file (magic 0x%08x, expected 0x%08x "
+        "\"SnAp\")",
+        name, h.magic, kSnapMagic));
+    return scan;
+  }
+  if (h.version != kDiskVersion) {
+    scan.problems.push_back(absl::StrFormat(
+        "%s: unsupported COW format version %d (only version 1 exists)", name,
+        h.version));
+    return scan;
+  }
+  if (absl::Status st = ValidateChunkSectors(h.chunk_sectors); !st.ok()) {
+    scan.problems.push_back(
+        absl::StrFormat("%s: bad header: %s", name, st.message()));
+    return scan;
+  }
+  const Geometry geo(h.chunk_sectors);
+  const uint64_t cb = geo.chunk_bytes();
+  if (scan.file_size < cb) {
+    scan.problems.push_back(absl::StrFormat(
+        "%s: truncated in the header chunk (%d bytes, chunk size is %d)", name,
+        scan.file_size, cb));
+    return scan;
+  }
+  if (h.valid == 0) return scan;  // invalid: the kernel reads no further
+
+  const uint64_t epa = geo.exceptions_per_area();
+  absl::flat_hash_set<uint64_t> seen;
+  std::vector<char> buf(cb);
+  uint64_t prev_new = 0;
+  for (uint64_t area = 0;; ++area) {
+    const uint64_t chunk = geo.AreaChunk(area);
+    if ((chunk + 1) * cb > scan.file_size) {
+      scan.problems.push_back(absl::StrFormat(
+          "%s: truncated in metadata area %d (chunk %d ends at byte %d, the "
+          "file has %d)",
+          name, area, chunk, (chunk + 1) * cb, scan.file_size));
+      scan.current_area = area;
+      return scan;
+    }
+    if (absl::Status st = file.PRead(buf, chunk * cb); !st.ok()) return st;
+    uint64_t i = 0;
+    for (; i < epa; ++i) {
+      DiskRecord r = DiskRecord::Decode(buf.data() + i * kRecordBytes);
+      if (r.new_chunk == 0) break;
+      ++scan.exceptions;
+      ScannedRecord sr{area, i, r, false};
+      if (geo.IsMetadataChunk(r.new_chunk)) {
+        scan.problems.push_back(absl::StrFormat(
+            "%s: area %d record %d maps origin chunk %d to chunk %d, which "
+            "is %s",
+            name, area, i, r.old_chunk, r.new_chunk,
+            r.new_chunk == 1 || r.new_chunk == 0 ? "the header or area 0"
+                                                 : "a metadata area"));
+        continue;
+      }
+      if (r.new_chunk >= scan.file_size / cb) {
+        scan.problems.push_back(absl::StrFormat(
+            "%s: area %d record %d points at chunk %d, past the end of the "
+            "file (%d whole chunks): the file is truncated",
+            name, area, i, r.new_chunk, scan.file_size / cb));
+        continue;
+      }
+      uint64_t slot = *geo.ChunkToSlot(r.new_chunk);
+      if (slot >= UINT32_MAX) {
+        scan.problems.push_back(absl::StrFormat(
+            "%s: area %d record %d: COW chunk %d is beyond what this tool "
+            "supports (2^32 data chunks)",
+            name, area, i, r.new_chunk));
+        continue;
+      }
+      if (r.new_chunk <= prev_new) scan.allocation_ordered = false;
+      prev_new = r.new_chunk;
+      scan.max_slot_plus_one = std::max(scan.max_slot_plus_one, slot + 1);
+      if (!seen.insert(r.old_chunk).second) {
+        sr.duplicate = true;
+        ++scan.duplicates;
+      }
+      if (on_record) on_record(sr);
+    }
+    if (i < epa) {
+      scan.current_area = area;
+      scan.current_count = i;
+      const auto tail = buf.begin() + static_cast<ptrdiff_t>(i * kRecordBytes);
+      scan.tail_garbage =
+          !std::all_of(tail, buf.end(), [](char c) { return c == 0; });
+      if (scan.tail_garbage)
+        scan.warnings.push_back(absl::StrFormat(
+            "%s: area %d has non-zero bytes after its last record (%d); they "
+            "are ignored and cleared on the next commit",
+            name, area, i));
+      std::fill(tail, buf.end(), 0);
+      scan.current_area_buf = std::move(buf);
+      break;
+    }
+  }
+  if (scan.duplicates > 0)
+    scan.warnings.push_back(absl::StrFormat(
+        "%s: %d records repeat an origin chunk; the earliest one wins, as in "
+        "the kernel",
+        name, scan.duplicates));
+  if (!scan.allocation_ordered)
+    scan.warnings.push_back(absl::StrFormat(
+        "%s: records are not in allocation order (made by a kernel older "
+        "than dm-snapshot 1.12?)",
+        name));
+  return scan;
+}
+
+}  // namespace snap

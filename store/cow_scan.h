@@ -1,0 +1,53 @@
+// Reads a persistent COW file the way the kernel does, but checks every
+// record, so the same pass serves opening a store (refuse on any problem)
+// and `nbdsnap check` (list them all).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "store/block_file.h"
+#include "store/cow_format.h"
+
+namespace snap {
+
+struct ScannedRecord {
+  uint64_t area = 0;
+  uint64_t index = 0;  // within the area
+  DiskRecord record;
+  bool duplicate = false;  // an earlier record has the same old_chunk
+};
+
+struct CowScan {
+  uint64_t file_size = 0;
+  DiskHeader header;
+  bool is_new = false;  // magic 0: no store yet (the kernel makes a new one)
+  // Problems make the file unusable as it is; open refuses on the first.
+  std::vector<std::string> problems;
+  // Oddities the kernel accepts (duplicates, garbage after the list, holes).
+  std::vector<std::string> warnings;
+  uint64_t exceptions = 0;   // records read, duplicates included
+  uint64_t duplicates = 0;
+  uint64_t current_area = 0;
+  uint64_t current_count = 0;  // records in the current area
+  uint64_t max_slot_plus_one = 0;  // next_free as a slot
+  bool allocation_ordered = true;   // new_chunk rises through the records
+  bool tail_garbage = false;  // non-zero bytes after the list's end
+  std::vector<char> current_area_buf;  // the last, partly filled area
+};
+
+// Reads the header and every area up to the first one that is not full,
+// calling on_record for each record. Fails only when the file cannot be
+// read at all; everything else lands in problems/warnings.
+absl::StatusOr<CowScan> ScanCow(
+    BlockFile& file,
+    const std::function<void(const ScannedRecord&)>& on_record = {});
+
+// True if the first min(size, 4 KiB) bytes of the file are zero, which is
+// what LVM guarantees for a new COW volume.
+absl::StatusOr<bool> LooksUnused(BlockFile& file);
+
+}  // namespace snap

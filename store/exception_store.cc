@@ -1,0 +1,62 @@
+#include "store/exception_store.h"
+
+#include <cctype>
+
+#include "absl/strings/str_format.h"
+#include "store/store_status.h"
+
+namespace snap {
+
+absl::StatusOr<StoreType> ParseStoreType(std::string_view text) {
+  auto bad = [&] {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "store type '%s' is not P, PO or N", std::string(text)));
+  };
+  if (text.empty()) return bad();
+  switch (std::toupper(static_cast<unsigned char>(text[0]))) {
+    case 'N':
+      return StoreType::kTransient;
+    case 'P':
+      if (text.size() == 1) return StoreType::kPersistent;
+      if (std::toupper(static_cast<unsigned char>(text[1])) == 'O')
+        return StoreType::kPersistentOverflow;
+      return bad();
+    default:
+      return bad();
+  }
+}
+
+std::string_view StoreTypeName(StoreType type) {
+  switch (type) {
+    case StoreType::kPersistent: return "P";
+    case StoreType::kPersistentOverflow: return "PO";
+    case StoreType::kTransient: return "N";
+  }
+  return "?";
+}
+
+std::string FormatStatusLine(bool valid, bool merge_failed, bool overflowed,
+                             const StoreUsage& u) {
+  if (!valid) return "Invalid";
+  if (merge_failed) return "Merge failed";
+  if (overflowed) return "Overflow";
+  return absl::StrFormat("%d/%d %d", u.used_sectors, u.total_sectors,
+                         u.metadata_sectors);
+}
+
+absl::StatusOr<std::unique_ptr<ExceptionStore>> OpenStore(
+    std::unique_ptr<BlockFile> file, const StoreOptions& options) {
+  if (options.type == StoreType::kTransient)
+    return OpenTransientStore(std::move(file), options);
+  return OpenPersistentStore(std::move(file), options);
+}
+
+absl::StatusOr<std::unique_ptr<ExceptionStore>> OpenStoreFile(
+    const std::string& path, const StoreOptions& options) {
+  absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(
+      path, options.read_only ? OpenMode::kReadOnly : OpenMode::kReadWriteCreate);
+  if (!file.ok()) return file.status();
+  return OpenStore(std::move(*file), options);
+}
+
+}  // namespace snap

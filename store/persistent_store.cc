@@ -1,0 +1,499 @@
+// The persistent exception store ("P" and "PO"), byte-compatible with
+// drivers/md/dm-snap-persistent.c. See ../shared/reference/dm-snapshot.md §1.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "store/cow_format.h"
+#include "store/cow_scan.h"
+#include "store/exception_store.h"
+#include "store/exception_table.h"
+#include "store/store_status.h"
+
+namespace snap {
+namespace {
+
+class PersistentStore final : public ExceptionStore {
+ public:
+  PersistentStore(std::unique_ptr<BlockFile> file, const StoreOptions& opts,
+                  uint32_t chunk_sectors)
+      : file_(std::move(file)),
+        type_(opts.type),
+        geo_(chunk_sectors),
+        size_cap_(opts.size_cap),
+        read_only_(opts.read_only),
+        area_buf_(geo_.chunk_bytes()) {}
+
+  absl::Status Load(const StoreOptions& opts);
+
+  StoreType type() const override { return type_; }
+  uint32_t chunk_sectors() const override { return geo_.chunk_sectors(); }
+  const std::string& file_name() const override { return file_->name(); }
+
+  bool valid() const override {
+    absl::MutexLock l(&mu_);
+    return valid_;
+  }
+  bool overflowed() const override {
+    absl::MutexLock l(&mu_);
+    return overflowed_;
+  }
+  std::string invalid_reason() const override {
+    absl::MutexLock l(&mu_);
+    return invalid_reason_;
+  }
+  std::vector<std::string> notes() const override {
+    absl::MutexLock l(&mu_);
+    return notes_;
+  }
+  uint64_t exception_count() const override {
+    absl::MutexLock l(&mu_);
+    return table_.size();
+  }
+
+  std::optional<Exception> Lookup(uint64_t old_chunk) const override {
+    absl::ReaderMutexLock l(&mu_);
+    std::optional<uint32_t> slot = table_.Lookup(old_chunk);
+    if (!slot) return std::nullopt;
+    return Exception{geo_.SlotToChunk(*slot), *slot < durable_upto_};
+  }
+
+  absl::StatusOr<uint64_t> Allocate(uint64_t old_chunk,
+                                    WriteSource source) override;
+  absl::Status Commit(uint64_t cow_chunk, bool wait_durable) override;
+  void Abandon(uint64_t cow_chunk) override;
+
+  absl::Status ReadChunk(uint64_t cow_chunk, uint64_t offset,
+                         std::span<char> buf) override {
+    return file_->PRead(buf, cow_chunk * geo_.chunk_bytes() + offset);
+  }
+  absl::Status WriteChunk(uint64_t cow_chunk, uint64_t offset,
+                          std::span<const char> buf) override {
+    if (read_only_) return ReadOnlyError();
+    return file_->PWrite(buf, cow_chunk * geo_.chunk_bytes() + offset);
+  }
+  absl::Status ZeroChunk(uint64_t cow_chunk, uint64_t offset,
+                         uint64_t length) override {
+    if (read_only_) return ReadOnlyError();
+    return file_->ZeroRange(cow_chunk * geo_.chunk_bytes() + offset, length);
+  }
+  absl::Status Flush() override;
+  void Invalidate(std::string_view reason) override {
+    absl::MutexLock l(&mu_);
+    InvalidateLocked(reason);
+  }
+
+  absl::StatusOr<MergeRun> PrepareMerge() override;
+  absl::Status CommitMerge(uint32_t count) override;
+  void set_merge_failed(bool failed) override {
+    absl::MutexLock l(&mu_);
+    merge_failed_ = failed;
+  }
+
+  StoreUsage Usage() const override {
+    absl::MutexLock l(&mu_);
+    return UsageLocked();
+  }
+  std::string StatusLine() const override {
+    absl::MutexLock l(&mu_);
+    return FormatStatusLine(valid_, merge_failed_, overflowed_, UsageLocked());
+  }
+
+ private:
+  enum class SlotState { kCopying, kReady, kAbandoned };
+  struct Pending {
+    uint64_t old_chunk;
+    SlotState state;
+  };
+
+  absl::Status ReadOnlyError() const {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("%s is open read-only", file_->name()));
+  }
+  uint64_t Capacity() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return size_cap_ != 0 ? size_cap_ : file_size_;
+  }
+  StoreUsage UsageLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const uint64_t cs = geo_.chunk_sectors();
+    return {geo_.SlotToChunk(next_slot_) * cs, Capacity() / kSectorBytes,
+            (cur_area_ + 2) * cs};
+  }
+  void InvalidateLocked(std::string_view reason)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Moves ready slots, in allocation order, into the area buffer.
+  void DrainLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool AreaFullLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return cur_count_ == geo_.exceptions_per_area();
+  }
+  // One group commit: sync data, zero the next area if this one is full,
+  // write the area, sync. Drops the lock while doing I/O.
+  void WriteAreaLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status WriteHeader(uint32_t valid);
+
+  std::unique_ptr<BlockFile> file_;
+  const StoreType type_;
+  const Geometry geo_;
+  const uint64_t size_cap_;
+  const bool read_only_;
+
+  mutable absl::Mutex mu_;
+  absl::CondVar cv_;
+  ExceptionTable table_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint32_t, Pending> pending_ ABSL_GUARDED_BY(mu_);
+  uint32_t next_slot_ ABSL_GUARDED_BY(mu_) = 0;
+  uint32_t buffered_upto_ ABSL_GUARDED_BY(mu_) = 0;
+  uint32_t durable_upto_ ABSL_GUARDED_BY(mu_) = 0;
+  uint32_t committed_upto_ ABSL_GUARDED_BY(mu_) = 0;  // highest commit + 1
+  uint64_t cur_area_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t cur_count_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<char> area_buf_ ABSL_GUARDED_BY(mu_);
+  bool writer_active_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t file_size_ ABSL_GUARDED_BY(mu_) = 0;
+  bool valid_ ABSL_GUARDED_BY(mu_) = true;
+  bool overflowed_ ABSL_GUARDED_BY(mu_) = false;
+  bool merge_failed_ ABSL_GUARDED_BY(mu_) = false;
+  std::string invalid_reason_ ABSL_GUARDED_BY(mu_);
+  absl::Status io_error_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::string> notes_ ABSL_GUARDED_BY(mu_);
+};
+
+absl::Status PersistentStore::WriteHeader(uint32_t valid) {
+  std::vector<char> chunk(geo_.chunk_bytes(), 0);
+  DiskHeader{kSnapMagic, valid, kDiskVersion, geo_.chunk_sectors()}.Encode(chunk);
+  return file_->PWrite(chunk, 0);
+}
+
+absl::Status PersistentStore::Load(const StoreOptions& opts) {
+  absl::MutexLock l(&mu_);
+  absl::StatusOr<CowScan> scan =
+      ScanCow(*file_, [&](const ScannedRecord& r) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        if (r.duplicate || table_.Lookup(r.record.old_chunk)) return;
+        table_.Insert(r.record.old_chunk,
+                      static_cast<uint32_t>(*geo_.ChunkToSlot(r.record.new_chunk)));
+      });
+  if (!scan.ok()) return scan.status();
+  if (!scan->problems.empty())
+    return absl::DataLossError(absl::StrCat(
+        scan->problems.front(),
+        scan->problems.size() > 1
+            ? absl::StrFormat(" (and %d more problems; run nbdsnap check)",
+                              scan->problems.size() - 1)
+            : std::string(" (run nbdsnap check for details)")));
+  file_size_ = scan->file_size;
+  if (scan->is_new) {
+    if (read_only_)
+      return absl::NotFoundError(absl::StrFormat(
+          "%s holds no snapshot store yet (it becomes a new, empty one when "
+          "first used by the filter)",
+          file_->name()));
+    // Area 0 first, then the header, then sync: a crash leaves either no
+    // store (magic 0) or an empty one.
+    std::vector<char> zero(geo_.chunk_bytes(), 0);
+    if (absl::Status st = file_->PWrite(zero, geo_.AreaChunk(0) * geo_.chunk_bytes());
+        !st.ok())
+      return st;
+    if (absl::Status st = WriteHeader(1); !st.ok()) return st;
+    if (absl::Status st = file_->Sync(); !st.ok()) return st;
+    file_size_ = std::max<uint64_t>(file_size_, 2 * geo_.chunk_bytes());
+    return absl::OkStatus();
+  }
+  if (opts.chunk_sectors != 0 && opts.chunk_sectors != geo_.chunk_sectors())
+    notes_.push_back(absl::StrFormat(
+        "%s: chunk size %d sectors in the header overrides the requested %d",
+        file_->name(), geo_.chunk_sectors(), opts.chunk_sectors));
+  for (const std::string& w : scan->warnings) notes_.push_back(w);
+  if (scan->header.valid == 0) {
+    valid_ = false;
+    invalid_reason_ = "the header marks the snapshot invalid (valid = 0)";
+    return absl::OkStatus();
+  }
+  cur_area_ = scan->current_area;
+  cur_count_ = scan->current_count;
+  area_buf_ = std::move(scan->current_area_buf);
+  next_slot_ = buffered_upto_ = durable_upto_ = committed_upto_ =
+      static_cast<uint32_t>(scan->max_slot_plus_one);
+  // If the next area is past the end of the file, room is made for it when
+  // the current one fills.
+  return absl::OkStatus();
+}
+
+void PersistentStore::InvalidateLocked(std::string_view reason) {
+  if (!valid_) return;
+  valid_ = false;
+  invalid_reason_ = std::string(reason);
+  cv_.SignalAll();
+  if (read_only_) return;
+  // A plain header write, like the kernel's; failing it is only logged
+  // there too: the in-memory state already refuses I/O.
+  if (WriteHeader(0).ok()) (void)file_->Sync();
+}
+
+absl::StatusOr<uint64_t> PersistentStore::Allocate(uint64_t old_chunk,
+                                                   WriteSource source) {
+  absl::MutexLock l(&mu_);
+  if (read_only_) return ReadOnlyError();
+  if (!valid_)
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s: snapshot is invalid: %s", file_->name(), invalid_reason_));
+  if (source == WriteSource::kSnapshot && overflowed_)
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "%s: snapshot overflowed: the COW file is full", file_->name()));
+  if (next_slot_ >= ExceptionTable::kMaxSlots)
+    return absl::ResourceExhaustedError("exception store is full");
+  const uint64_t cb = geo_.chunk_bytes();
+  const uint64_t chunk = geo_.SlotToChunk(next_slot_);
+  // Room for the chunk, and for the next area if the chunk ends a region:
+  // that area is zeroed when the current one fills (dm 4.5 edge case).
+  uint64_t need = (chunk + 1) * cb;
+  if (geo_.IsMetadataChunk(chunk + 1)) need += cb;
+  if (size_cap_ != 0 && need > size_cap_) {
+    if (source == WriteSource::kSnapshot &&
+        type_ == StoreType::kPersistentOverflow) {
+      overflowed_ = true;
+    } else {
+      InvalidateLocked("Unable to allocate exception: the COW file is full");
+    }
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "%s: COW file is full (%d bytes)", file_->name(), size_cap_));
+  }
+  if (need > file_size_) {
+    if (absl::Status st = file_->GrowTo(need); !st.ok()) {
+      if (absl::IsResourceExhausted(st) && source == WriteSource::kSnapshot &&
+          type_ == StoreType::kPersistentOverflow) {
+        overflowed_ = true;
+      } else {
+        InvalidateLocked(absl::StrCat("Unable to allocate exception: ",
+                                      st.message()));
+      }
+      return st;
+    }
+    file_size_ = need;
+  }
+  pending_[next_slot_] = Pending{old_chunk, SlotState::kCopying};
+  ++next_slot_;
+  return chunk;
+}
+
+void PersistentStore::DrainLocked() {
+  const uint64_t epa = geo_.exceptions_per_area();
+  while (buffered_upto_ < next_slot_ && cur_count_ < epa) {
+    auto it = pending_.find(buffered_upto_);
+    if (it == pending_.end() || it->second.state == SlotState::kCopying) break;
+    if (it->second.state == SlotState::kReady) {
+      DiskRecord{it->second.old_chunk, geo_.SlotToChunk(buffered_upto_)}.Encode(
+          area_buf_.data() + cur_count_ * kRecordBytes);
+      ++cur_count_;
+    }
+    pending_.erase(it);
+    ++buffered_upto_;
+  }
+}
+
+void PersistentStore::WriteAreaLocked() {
+  writer_active_ = true;
+  DrainLocked();
+  const uint32_t target = buffered_upto_;
+  const bool full = AreaFullLocked();
+  const uint64_t area = cur_area_;
+  std::vector<char> buf = area_buf_;
+  const uint64_t cb = geo_.chunk_bytes();
+  mu_.Unlock();
+  absl::Status st = file_->Sync();  // the data the records name
+  if (st.ok() && full) {
+    std::vector<char> zero(cb, 0);
+    st = file_->PWrite(zero, geo_.AreaChunk(area + 1) * cb);
+  }
+  if (st.ok()) st = file_->PWrite(buf, geo_.AreaChunk(area) * cb);
+  if (st.ok()) st = file_->Sync();
+  mu_.Lock();
+  writer_active_ = false;
+  if (!st.ok()) {
+    io_error_ = st;
+    InvalidateLocked(absl::StrCat("metadata commit failed: ", st.message()));
+  } else {
+    durable_upto_ = std::max(durable_upto_, target);
+    if (full) {
+      ++cur_area_;
+      cur_count_ = 0;
+      std::fill(area_buf_.begin(), area_buf_.end(), 0);
+      file_size_ = std::max(file_size_, (geo_.AreaChunk(cur_area_) + 1) * cb);
+    }
+  }
+  cv_.SignalAll();
+}
+
+absl::Status PersistentStore::Commit(uint64_t cow_chunk, bool wait_durable) {
+  absl::MutexLock l(&mu_);
+  const uint32_t slot = static_cast<uint32_t>(*geo_.ChunkToSlot(cow_chunk));
+  auto it = pending_.find(slot);
+  if (it == pending_.end() || it->second.state != SlotState::kCopying)
+    return absl::InternalError(
+        absl::StrFormat("commit of chunk %d that is not allocated", cow_chunk));
+  it->second.state = SlotState::kReady;
+  table_.Insert(it->second.old_chunk, slot);
+  committed_upto_ = std::max(committed_upto_, slot + 1);
+  DrainLocked();
+  cv_.SignalAll();
+  for (;;) {
+    if (!valid_)
+      return absl::DataLossError(absl::StrFormat(
+          "%s: snapshot is invalid: %s", file_->name(), invalid_reason_));
+    if (AreaFullLocked() && !writer_active_) {
+      WriteAreaLocked();  // the next records need the next area
+      continue;
+    }
+    if (!wait_durable || durable_upto_ > slot) return absl::OkStatus();
+    // Wait for a writer in progress, or for the slots before ours: records
+    // go to disk in allocation order.
+    if (writer_active_ || buffered_upto_ <= slot || AreaFullLocked()) {
+      cv_.Wait(&mu_);
+      DrainLocked();
+      continue;
+    }
+    WriteAreaLocked();
+  }
+}
+
+void PersistentStore::Abandon(uint64_t cow_chunk) {
+  absl::MutexLock l(&mu_);
+  auto it = pending_.find(static_cast<uint32_t>(*geo_.ChunkToSlot(cow_chunk)));
+  if (it == pending_.end() || it->second.state != SlotState::kCopying) return;
+  it->second.state = SlotState::kAbandoned;
+  DrainLocked();
+  cv_.SignalAll();
+}
+
+absl::Status PersistentStore::Flush() {
+  absl::MutexLock l(&mu_);
+  if (read_only_) return absl::OkStatus();
+  const uint32_t target = committed_upto_;
+  bool wrote = false;  // this thread ran a group commit, which syncs data first
+  for (;;) {
+    if (!valid_)
+      return absl::DataLossError(absl::StrFormat(
+          "%s: snapshot is invalid: %s", file_->name(), invalid_reason_));
+    if (AreaFullLocked() && !writer_active_) {
+      WriteAreaLocked();
+      wrote = true;
+      continue;
+    }
+    if (durable_upto_ >= target) break;
+    if (writer_active_ || buffered_upto_ < target || AreaFullLocked()) {
+      cv_.Wait(&mu_);
+      DrainLocked();
+      continue;
+    }
+    WriteAreaLocked();
+    wrote = true;
+  }
+  if (wrote) return absl::OkStatus();
+  // Nothing new for the metadata, or another thread wrote it: data written
+  // to existing exceptions still needs its sync.
+  mu_.Unlock();
+  absl::Status st = file_->Sync();
+  mu_.Lock();
+  return st;
+}
+
+absl::StatusOr<MergeRun> PersistentStore::PrepareMerge() {
+  absl::MutexLock l(&mu_);
+  if (!valid_)
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s: snapshot is invalid, it cannot be merged: %s", file_->name(),
+        invalid_reason_));
+  if (!pending_.empty() || durable_upto_ != next_slot_)
+    return absl::FailedPreconditionError(
+        "merge needs a quiet store: exceptions are still in flight");
+  const uint64_t cb = geo_.chunk_bytes();
+  if (cur_count_ == 0) {
+    if (cur_area_ == 0) return MergeRun{};
+    --cur_area_;
+    if (absl::Status st = file_->PRead(area_buf_, geo_.AreaChunk(cur_area_) * cb);
+        !st.ok())
+      return st;
+    cur_count_ = geo_.exceptions_per_area();
+  }
+  const char* base = area_buf_.data();
+  DiskRecord last = DiskRecord::Decode(base + (cur_count_ - 1) * kRecordBytes);
+  uint32_t n = 1;
+  while (n < cur_count_) {
+    DiskRecord r = DiskRecord::Decode(base + (cur_count_ - 1 - n) * kRecordBytes);
+    if (r.old_chunk + n != last.old_chunk || r.new_chunk + n != last.new_chunk)
+      break;
+    ++n;
+  }
+  return MergeRun{last.old_chunk - (n - 1), last.new_chunk - (n - 1), n};
+}
+
+absl::Status PersistentStore::CommitMerge(uint32_t count) {
+  absl::MutexLock l(&mu_);
+  if (count == 0 || count > cur_count_)
+    return absl::InternalError("commit_merge of more records than the area has");
+  const uint64_t cb = geo_.chunk_bytes();
+  std::vector<DiskRecord> gone;
+  for (uint32_t i = 0; i < count; ++i) {
+    char* p = area_buf_.data() + (cur_count_ - 1 - i) * kRecordBytes;
+    gone.push_back(DiskRecord::Decode(p));
+    std::memset(p, 0, kRecordBytes);
+  }
+  std::vector<char> buf = area_buf_;
+  const uint64_t area = cur_area_;
+  mu_.Unlock();
+  absl::Status st = file_->PWrite(buf, geo_.AreaChunk(area) * cb);
+  if (st.ok()) st = file_->Sync();
+  mu_.Lock();
+  if (!st.ok()) {
+    // Put the records back: the on-disk area may or may not have them, and
+    // both are fine, since the COW still holds the data.
+    for (uint32_t i = 0; i < count; ++i)
+      gone[i].Encode(area_buf_.data() + (cur_count_ - 1 - i) * kRecordBytes);
+    return st;
+  }
+  cur_count_ -= count;
+  for (const DiskRecord& r : gone) {
+    std::optional<uint32_t> slot = table_.Lookup(r.old_chunk);
+    if (slot && geo_.SlotToChunk(*slot) == r.new_chunk) table_.Erase(r.old_chunk);
+  }
+  // dm: next_free = area_location(current_area) + committed + 1.
+  const uint64_t next_free = geo_.AreaChunk(cur_area_) + cur_count_ + 1;
+  next_slot_ = buffered_upto_ = durable_upto_ = committed_upto_ =
+      static_cast<uint32_t>(*geo_.ChunkToSlot(next_free));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ExceptionStore>> OpenPersistentStore(
+    std::unique_ptr<BlockFile> file, const StoreOptions& opts) {
+  // The chunk size comes from the header when there is one.
+  uint32_t cs = opts.chunk_sectors != 0 ? opts.chunk_sectors : kDefaultChunkSectors;
+  if (absl::Status st = ValidateChunkSectors(cs); !st.ok()) return st;
+  {
+    absl::StatusOr<uint64_t> size = file->Size();
+    if (!size.ok()) return size.status();
+    if (*size >= kHeaderBytes) {
+      char hdr[kHeaderBytes];
+      if (absl::Status st = file->PRead(hdr, 0); !st.ok()) return st;
+      DiskHeader h = DiskHeader::Decode(hdr);
+      if (h.magic == kSnapMagic && ValidateChunkSectors(h.chunk_sectors).ok())
+        cs = h.chunk_sectors;
+      if (h.magic == 0 && !opts.read_only) {
+        absl::StatusOr<bool> unused = LooksUnused(*file);
+        if (!unused.ok()) return unused.status();
+        if (!*unused)
+          return absl::FailedPreconditionError(absl::StrFormat(
+              "%s is not a snapshot store (no SnAp magic) and its first 4 KiB "
+              "are not zero: refusing to overwrite it; use a new or empty file",
+              file->name()));
+      }
+    }
+  }
+  auto store = std::make_unique<PersistentStore>(std::move(file), opts, cs);
+  if (absl::Status st = store->Load(opts); !st.ok()) return st;
+  return store;
+}
+
+}  // namespace snap

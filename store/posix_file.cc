@@ -1,0 +1,126 @@
+// BlockFile over a POSIX file descriptor.
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "store/block_file.h"
+
+namespace snap {
+namespace {
+
+class PosixFile final : public BlockFile {
+ public:
+  PosixFile(int fd, std::string name) : fd_(fd), name_(std::move(name)) {}
+  ~PosixFile() override { ::close(fd_); }
+  PosixFile(const PosixFile&) = delete;
+  PosixFile& operator=(const PosixFile&) = delete;
+
+  absl::Status PRead(std::span<char> buf, uint64_t offset) override {
+    size_t done = 0;
+    while (done < buf.size()) {
+      ssize_t r = ::pread(fd_, buf.data() + done, buf.size() - done,
+                          static_cast<off_t>(offset + done));
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        return Err(errno, "read", offset + done);
+      }
+      if (r == 0)
+        return absl::OutOfRangeError(absl::StrFormat(
+            "%s: read at offset %d is past the end of the file", name_,
+            offset + done));
+      done += static_cast<size_t>(r);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status PWrite(std::span<const char> buf, uint64_t offset) override {
+    size_t done = 0;
+    while (done < buf.size()) {
+      ssize_t r = ::pwrite(fd_, buf.data() + done, buf.size() - done,
+                           static_cast<off_t>(offset + done));
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        return Err(errno, "write", offset + done);
+      }
+      if (r == 0) return Err(ENOSPC, "write", offset + done);
+      done += static_cast<size_t>(r);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Sync() override {
+    if (::fdatasync(fd_) != 0) return Err(errno, "sync", 0);
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<uint64_t> Size() override {
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) return Err(errno, "stat", 0);
+    if (S_ISBLK(st.st_mode)) {
+      off_t end = ::lseek(fd_, 0, SEEK_END);
+      if (end < 0) return Err(errno, "seek", 0);
+      return static_cast<uint64_t>(end);
+    }
+    return static_cast<uint64_t>(st.st_size);
+  }
+
+  absl::Status GrowTo(uint64_t size) override {
+    absl::StatusOr<uint64_t> cur = Size();
+    if (!cur.ok()) return cur.status();
+    if (*cur >= size) return absl::OkStatus();
+    if (::ftruncate(fd_, static_cast<off_t>(size)) != 0)
+      return Err(errno, "grow", size);
+    return absl::OkStatus();
+  }
+
+  absl::Status ZeroRange(uint64_t offset, uint64_t length) override {
+    if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                    static_cast<off_t>(offset), static_cast<off_t>(length)) == 0)
+      return absl::OkStatus();
+    if (::fallocate(fd_, FALLOC_FL_ZERO_RANGE, static_cast<off_t>(offset),
+                    static_cast<off_t>(length)) == 0)
+      return absl::OkStatus();
+    std::vector<char> zeros(std::min<uint64_t>(length, 1 << 20));
+    for (uint64_t done = 0; done < length;) {
+      uint64_t n = std::min<uint64_t>(zeros.size(), length - done);
+      if (absl::Status st = PWrite({zeros.data(), n}, offset + done); !st.ok())
+        return st;
+      done += n;
+    }
+    return absl::OkStatus();
+  }
+
+  const std::string& name() const override { return name_; }
+
+ private:
+  absl::Status Err(int err, const char* what, uint64_t offset) const {
+    return absl::ErrnoToStatus(
+        err, absl::StrFormat("%s: %s at offset %d failed", name_, what, offset));
+  }
+
+  int fd_;
+  std::string name_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<BlockFile>> OpenPosixFile(const std::string& path,
+                                                         OpenMode mode) {
+  int flags = O_CLOEXEC;
+  switch (mode) {
+    case OpenMode::kReadOnly: flags |= O_RDONLY; break;
+    case OpenMode::kReadWrite: flags |= O_RDWR; break;
+    case OpenMode::kReadWriteCreate: flags |= O_RDWR | O_CREAT; break;
+  }
+  int fd = ::open(path.c_str(), flags, 0644);
+  if (fd < 0)
+    return absl::ErrnoToStatus(errno, absl::StrFormat("cannot open %s", path));
+  return std::unique_ptr<BlockFile>(new PosixFile(fd, path));
+}
+
+}  // namespace snap
