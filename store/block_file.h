@@ -27,6 +27,9 @@ class BlockFile {
   virtual absl::Status GrowTo(uint64_t size) = 0;
   // Best effort: turns the range into zeros, freeing space where it can.
   virtual absl::Status ZeroRange(uint64_t offset, uint64_t length) = 0;
+  // Takes an exclusive lock for the life of the object, so that one
+  // process owns the file; the error says who holds it when it can.
+  virtual absl::Status LockExclusive() { return absl::OkStatus(); }
   virtual const std::string& name() const = 0;
 };
 

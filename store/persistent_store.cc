@@ -468,6 +468,8 @@ absl::Status PersistentStore::CommitMerge(uint32_t count) {
 
 absl::StatusOr<std::unique_ptr<ExceptionStore>> OpenPersistentStore(
     std::unique_ptr<BlockFile> file, const StoreOptions& opts) {
+  if (!opts.read_only)
+    if (absl::Status st = file->LockExclusive(); !st.ok()) return st;
   // The chunk size comes from the header when there is one.
   uint32_t cs = opts.chunk_sectors != 0 ? opts.chunk_sectors : kDefaultChunkSectors;
   if (absl::Status st = ValidateChunkSectors(cs); !st.ok()) return st;

@@ -1,10 +1,13 @@
 // BlockFile over a POSIX file descriptor.
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
+#include <string>
 #include <vector>
 
 #include "absl/strings/str_format.h"
@@ -95,9 +98,55 @@ class PosixFile final : public BlockFile {
     return absl::OkStatus();
   }
 
+  absl::Status LockExclusive() override {
+    // An OFD lock: it belongs to this open file, so it survives nbdkit's
+    // fork into the background and is dropped when the file is closed.
+    struct flock fl = {};
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    if (::fcntl(fd_, F_OFD_SETLK, &fl) == 0) return absl::OkStatus();
+    if (errno != EAGAIN && errno != EACCES) return Err(errno, "lock", 0);
+    return absl::UnavailableError(absl::StrFormat(
+        "%s is in use by another process%s (a running nbdkit or nbdsnap): "
+        "stop it first, or use another file",
+        name_, HolderHint()));
+  }
+
   const std::string& name() const override { return name_; }
 
  private:
+  // OFD locks do not record their owner; /proc/locks names the process of
+  // a holder that also took a classic lock, which ours never do, so look
+  // for any process with the file open instead.
+  std::string HolderHint() const {
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) return "";
+    std::string self = std::to_string(::getpid());
+    DIR* proc = ::opendir("/proc");
+    if (proc == nullptr) return "";
+    std::string found;
+    while (struct dirent* d = ::readdir(proc)) {
+      if (!std::isdigit(static_cast<unsigned char>(d->d_name[0])) ||
+          self == d->d_name)
+        continue;
+      std::string fddir = std::string("/proc/") + d->d_name + "/fd";
+      DIR* fds = ::opendir(fddir.c_str());
+      if (fds == nullptr) continue;
+      while (struct dirent* f = ::readdir(fds)) {
+        struct stat fst;
+        if (::stat((fddir + "/" + f->d_name).c_str(), &fst) == 0 &&
+            fst.st_dev == st.st_dev && fst.st_ino == st.st_ino) {
+          found = d->d_name;
+          break;
+        }
+      }
+      ::closedir(fds);
+      if (!found.empty()) break;
+    }
+    ::closedir(proc);
+    return found.empty() ? "" : " (pid " + found + ")";
+  }
+
   absl::Status Err(int err, const char* what, uint64_t offset) const {
     return absl::ErrnoToStatus(
         err, absl::StrFormat("%s: %s at offset %d failed", name_, what, offset));

@@ -153,6 +153,7 @@ absl::StatusOr<std::unique_ptr<ExceptionStore>> OpenTransientStore(
   if (opts.read_only)
     return absl::FailedPreconditionError(
         "a transient (N) store holds nothing to read offline");
+  if (absl::Status st = file->LockExclusive(); !st.ok()) return st;
   // Refuse to reuse a file that holds a persistent store: that would lose it.
   absl::StatusOr<uint64_t> size = file->Size();
   if (!size.ok()) return size.status();

@@ -1,0 +1,151 @@
+#include "filter/config.h"
+
+#include <cctype>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "store/cow_format.h"
+
+namespace snap {
+namespace {
+
+std::string DefaultName(std::string_view path) {
+  std::string_view base = path.substr(path.find_last_of('/') + 1);
+  if (size_t dot = base.find_last_of('.'); dot != std::string_view::npos && dot > 0)
+    base = base.substr(0, dot);
+  return std::string(base);
+}
+
+absl::StatusOr<bool> ParseBool(std::string_view key, std::string_view v) {
+  std::string s = absl::AsciiStrToLower(absl::string_view(v.data(), v.size()));
+  if (s == "1" || s == "true" || s == "yes" || s == "on") return true;
+  if (s == "0" || s == "false" || s == "no" || s == "off") return false;
+  return absl::InvalidArgumentError(
+      absl::StrFormat("%s=%s: expected true or false", std::string(key), std::string(v)));
+}
+
+}  // namespace
+
+absl::Status ValidateSnapshotName(std::string_view name) {
+  if (name.empty() || name.size() > 64)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "snapshot name '%s' must be 1 to 64 characters", std::string(name)));
+  for (char c : name)
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' &&
+        c != '.')
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "snapshot name '%s' may hold only letters, digits, '-', '_' and '.'",
+          std::string(name)));
+  if (name == kOriginExport)
+    return absl::InvalidArgumentError(
+        "'origin' is the origin's export: choose another snapshot name");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> FilterConfig::Set(std::string_view key,
+                                       std::string_view value) {
+  const std::string v(value);
+  if (key == "snapshot") {
+    SnapshotSpec spec;
+    // NAME=FILE when the part before '=' is a valid name; else all is FILE.
+    size_t eq = v.find('=');
+    if (eq != std::string::npos && ValidateSnapshotName(v.substr(0, eq)).ok()) {
+      spec.name = v.substr(0, eq);
+      spec.path = v.substr(eq + 1);
+    } else {
+      spec.path = v;
+      spec.name = DefaultName(v);
+    }
+    if (spec.path.empty())
+      return absl::InvalidArgumentError(
+          absl::StrFormat("snapshot=%s: no COW file given", v));
+    if (absl::Status st = ValidateSnapshotName(spec.name); !st.ok())
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "snapshot=%s: %s; give one as snapshot=NAME=FILE", v, st.message()));
+    for (const SnapshotSpec& s : snapshots)
+      if (s.name == spec.name)
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "snapshot=%s: the name '%s' is already used by %s; give one as "
+            "snapshot=NAME=FILE",
+            v, spec.name, s.path));
+    snapshots.push_back(std::move(spec));
+    return true;
+  }
+  if (key == "snapshot-chunk-size") {
+    absl::StatusOr<uint32_t> cs = ParseChunkSize(v);
+    if (!cs.ok())
+      return absl::InvalidArgumentError(
+          absl::StrFormat("snapshot-chunk-size=%s: %s", v, cs.status().message()));
+    chunk_sectors = *cs;
+    return true;
+  }
+  if (key == "snapshot-store") {
+    absl::StatusOr<StoreType> t = ParseStoreType(v);
+    if (!t.ok())
+      return absl::InvalidArgumentError(
+          absl::StrFormat("snapshot-store=%s: %s", v, t.status().message()));
+    store_type = *t;
+    return true;
+  }
+  if (key == "snapshot-cow-size") {
+    absl::StatusOr<uint64_t> n = ParseByteSize(v);
+    if (!n.ok())
+      return absl::InvalidArgumentError(
+          absl::StrFormat("snapshot-cow-size=%s: %s", v, n.status().message()));
+    cow_size = *n;
+    return true;
+  }
+  if (key == "snapshot-export") {
+    default_export = v;
+    return true;
+  }
+  if (key == "snapshot-merge") {
+    merge = v;
+    return true;
+  }
+  if (key == "snapshot-merge-exit") {
+    absl::StatusOr<bool> b = ParseBool(key, v);
+    if (!b.ok()) return b.status();
+    merge_exit = *b;
+    return true;
+  }
+  if (key == "snapshot-control") {
+    control_socket = v;
+    return true;
+  }
+  return false;
+}
+
+absl::Status FilterConfig::Finish() {
+  std::vector<std::string> names;
+  for (const SnapshotSpec& s : snapshots) names.push_back(s.name);
+  auto known = [&](const std::string& n) {
+    for (const std::string& x : names)
+      if (x == n) return true;
+    return false;
+  };
+  if (default_export && *default_export != kOriginExport && !known(*default_export))
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "snapshot-export=%s: no such snapshot; use origin or one of: %s",
+        *default_export, names.empty() ? "(none given)" : absl::StrJoin(names, ", ")));
+  if (merge && !known(*merge))
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "snapshot-merge=%s: no such snapshot; give one of: %s", *merge,
+        names.empty() ? "(none given)" : absl::StrJoin(names, ", ")));
+  if (cow_size != 0 && chunk_sectors != 0 &&
+      cow_size < 3 * uint64_t{chunk_sectors} * kSectorBytes)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "snapshot-cow-size=%d is under 3 chunks (header, area, data): make it "
+        "larger",
+        cow_size));
+  return absl::OkStatus();
+}
+
+std::string FilterConfig::DefaultExport() const {
+  if (default_export) return *default_export;
+  if (snapshots.size() == 1 && !merge) return snapshots[0].name;
+  return kOriginExport;
+}
+
+}  // namespace snap

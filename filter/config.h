@@ -1,0 +1,42 @@
+// The filter's parameters, parsed and checked without nbdkit.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "store/exception_store.h"
+
+namespace snap {
+
+struct SnapshotSpec {
+  std::string name;
+  std::string path;
+};
+
+struct FilterConfig {
+  std::vector<SnapshotSpec> snapshots;
+  uint32_t chunk_sectors = 0;  // 0: default for new stores
+  StoreType store_type = StoreType::kPersistent;
+  uint64_t cow_size = 0;       // 0: unlimited
+  std::optional<std::string> default_export;  // "origin" or a snapshot name
+  std::optional<std::string> merge;           // snapshot to merge
+  bool merge_exit = false;
+  std::string control_socket;
+
+  // Takes one key=value; false if the key is not ours.
+  absl::StatusOr<bool> Set(std::string_view key, std::string_view value);
+  // Cross-checks once every key is in.
+  absl::Status Finish();
+  // What the export "" serves: "origin" or a snapshot name.
+  std::string DefaultExport() const;
+};
+
+inline constexpr char kOriginExport[] = "origin";
+
+// Names: letters, digits, '-', '_', '.', at most 64 bytes, not "origin".
+absl::Status ValidateSnapshotName(std::string_view name);
+
+}  // namespace snap

@@ -1,0 +1,57 @@
+// OriginIo over one shared nbdkit context, opened in .after_fork, so that
+// every export and the merge thread see one origin. Calls are serialized
+// when the final thread model is below PARALLEL: our threads bypass
+// nbdkit's own request locks.
+#pragma once
+
+#include <nbdkit-filter.h>
+
+#include <mutex>
+#include <string>
+
+#include "filter/origin_io.h"
+
+namespace snap {
+
+class NbdkitOrigin final : public OriginIo {
+ public:
+  // Opens, prepares and probes the context. Errors go to nbdkit_error.
+  bool Open(nbdkit_backend* backend, bool serialize);
+  void Close();
+  nbdkit_next* next() { return next_; }
+
+  uint64_t size() const override { return size_; }
+  bool can_write() const override { return can_write_; }
+  bool can_zero() const override { return can_zero_; }
+  bool can_trim() const override { return can_trim_; }
+  bool can_fua() const override { return can_fua_; }
+  bool can_flush() const override { return can_flush_; }
+  bool can_extents() const { return can_extents_; }
+
+  absl::Status Read(std::span<char> buf, uint64_t offset) override;
+  absl::Status Write(std::span<const char> buf, uint64_t offset,
+                     bool fua) override;
+  absl::Status Zero(uint64_t length, uint64_t offset, bool may_trim,
+                    bool fua) override;
+  absl::Status Trim(uint64_t length, uint64_t offset, bool fua) override;
+  absl::Status Flush() override;
+  // Extents of [offset, offset+length) from the plugin, into `out`.
+  int Extents(uint32_t length, uint64_t offset, uint32_t flags,
+              nbdkit_extents* out, int* err);
+
+ private:
+  // Holds the serializing lock when one is needed.
+  std::unique_lock<std::mutex> Guard() {
+    return serialize_ ? std::unique_lock<std::mutex>(mu_)
+                      : std::unique_lock<std::mutex>();
+  }
+
+  nbdkit_next* next_ = nullptr;
+  bool serialize_ = false;
+  std::mutex mu_;
+  uint64_t size_ = 0;
+  bool can_write_ = false, can_zero_ = false, can_trim_ = false;
+  bool can_fua_ = false, can_flush_ = false, can_extents_ = false;
+};
+
+}  // namespace snap

@@ -1,0 +1,366 @@
+#include "filter/snapshot_engine.h"
+
+#include <errno.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstring>
+
+#include "absl/strings/str_format.h"
+#include "filter/errno_status.h"
+#include "filter/log.h"
+
+namespace snap {
+namespace {
+
+// Copies are done in pieces of at most this many bytes, so a 1 GiB chunk
+// does not need a 1 GiB buffer.
+constexpr uint64_t kCopyBuffer = 4 << 20;
+
+const std::vector<char>& Zeros() {
+  static const std::vector<char> zeros(kCopyBuffer, 0);
+  return zeros;
+}
+
+}  // namespace
+
+Snapshot::Snapshot(std::string n, std::string p,
+                   std::unique_ptr<ExceptionStore> s)
+    : name(std::move(n)),
+      path(std::move(p)),
+      store(std::move(s)),
+      chunk_bytes(store->chunk_bytes()),
+      shift(std::countr_zero(chunk_bytes)) {}
+
+std::string Snapshot::Description() const {
+  return absl::StrFormat("snapshot %s (%s, %s store, chunk %d): %s", name,
+                         path, StoreTypeName(store->type()), chunk_bytes,
+                         store->StatusLine());
+}
+
+void SnapshotEngine::Add(std::shared_ptr<Snapshot> snap) {
+  absl::MutexLock gate(&origin_gate_);
+  absl::MutexLock l(&list_mu_);
+  snaps_.push_back(std::move(snap));
+  std::stable_sort(snaps_.begin(), snaps_.end(), [](const auto& a, const auto& b) {
+    return a->chunk_bytes > b->chunk_bytes;
+  });
+}
+
+std::shared_ptr<Snapshot> SnapshotEngine::Find(std::string_view name) const {
+  absl::MutexLock l(&list_mu_);
+  for (const auto& s : snaps_)
+    if (s->name == name) return s;
+  return nullptr;
+}
+
+std::vector<std::shared_ptr<Snapshot>> SnapshotEngine::List() const {
+  absl::MutexLock l(&list_mu_);
+  return snaps_;
+}
+
+absl::Status SnapshotEngine::CheckUsable(const Snapshot& s) const {
+  if (!s.store->valid())
+    return ErrnoError(EIO, absl::StrFormat("snapshot %s is invalid: %s", s.name,
+                                           s.store->invalid_reason()));
+  return absl::OkStatus();
+}
+
+// ------------------------------------------------------------------ origin
+
+absl::Status SnapshotEngine::OriginRead(std::span<char> buf, uint64_t offset) {
+  return origin_.Read(buf, offset);
+}
+
+absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
+                                     uint64_t offset) {
+  if (length == 0 || s.merging.load() || !s.store->valid())
+    return absl::OkStatus();
+  ExceptionStore& store = *s.store;
+  const uint64_t first = offset >> s.shift;
+  const uint64_t last = (offset + length - 1) >> s.shift;
+  // Fast path, no lock: every chunk already has a durable exception, and an
+  // exception never goes away while the snapshot takes copy-outs.
+  bool done = true;
+  for (uint64_t c = first; c <= last && done; ++c) {
+    std::optional<Exception> ex = store.Lookup(c);
+    done = ex && ex->durable;
+  }
+  if (done) return absl::OkStatus();
+
+  ChunkLockGuard guard(s.locks, ChunkLockGuard::kExclusive, first, last);
+  std::vector<uint64_t> need;
+  bool lazy = false;
+  for (uint64_t c = first; c <= last; ++c) {
+    std::optional<Exception> ex = store.Lookup(c);
+    if (!ex)
+      need.push_back(c);
+    else if (!ex->durable)
+      lazy = true;
+  }
+  // A snapshot write's exception may not be on disk yet: it must be before
+  // the origin changes under it.
+  if (lazy && !store.Flush().ok()) return absl::OkStatus();  // now invalid
+
+  const uint64_t size = origin_.size();
+  std::vector<char> buf;
+  for (size_t i = 0; i < need.size(); ++i) {
+    const uint64_t c = need[i];
+    absl::StatusOr<uint64_t> cow = store.Allocate(c, WriteSource::kOrigin);
+    if (!cow.ok()) {
+      // Full: the store invalidated itself (dm); the origin write goes on.
+      LogMessage(absl::StrFormat("snapshot %s: %s", s.name,
+                                      cow.status().message()));
+      return absl::OkStatus();
+    }
+    // Copy the old chunk, cut at the origin's end, in bounded pieces.
+    const uint64_t start = c << s.shift;
+    const uint64_t end = std::min(start + s.chunk_bytes, size);
+    absl::Status st;
+    for (uint64_t pos = start; pos < end && st.ok();) {
+      const uint64_t n = std::min(end - pos, kCopyBuffer);
+      buf.resize(n);
+      st = origin_.Read(buf, pos);
+      if (!st.ok()) {
+        store.Abandon(*cow);
+        return st;  // the origin failed: so does the write, nothing lost
+      }
+      st = store.WriteChunk(*cow, pos - start, buf);
+      pos += n;
+    }
+    if (!st.ok()) {
+      store.Abandon(*cow);
+      store.Invalidate(absl::StrCat("copy to the COW file failed: ", st.message()));
+      return absl::OkStatus();
+    }
+    // Only the last commit waits: records are durable in allocation order.
+    const bool wait = i + 1 == need.size();
+    if (absl::Status cst = store.Commit(*cow, wait); !cst.ok())
+      return absl::OkStatus();  // the store is invalid now, as in dm
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SnapshotEngine::CopyOutAll(uint64_t length, uint64_t offset) {
+  for (const auto& s : List())
+    if (absl::Status st = CopyOut(*s, length, offset); !st.ok()) return st;
+  return absl::OkStatus();
+}
+
+absl::Status SnapshotEngine::OriginWrite(std::span<const char> buf,
+                                         uint64_t offset, bool fua) {
+  absl::ReaderMutexLock gate(&origin_gate_);
+  if (absl::Status st = CopyOutAll(buf.size(), offset); !st.ok()) return st;
+  return origin_.Write(buf, offset, fua);
+}
+
+absl::Status SnapshotEngine::OriginZero(uint64_t length, uint64_t offset,
+                                        bool may_trim, bool fua, bool fast) {
+  absl::ReaderMutexLock gate(&origin_gate_);
+  if (fast) {
+    // A zero that must first copy chunks out is not fast.
+    for (const auto& s : List()) {
+      if (s->merging.load() || !s->store->valid()) continue;
+      for (uint64_t c = offset >> s->shift; c <= (offset + length - 1) >> s->shift; ++c)
+        if (!s->store->Lookup(c))
+          return ErrnoError(ENOTSUP, "fast zero would need a copy-out");
+    }
+  }
+  if (absl::Status st = CopyOutAll(length, offset); !st.ok()) return st;
+  if (origin_.can_zero()) return origin_.Zero(length, offset, may_trim, fua);
+  for (uint64_t done = 0; done < length;) {
+    uint64_t n = std::min<uint64_t>(length - done, kCopyBuffer);
+    if (absl::Status st = origin_.Write({Zeros().data(), n}, offset + done, fua);
+        !st.ok())
+      return st;
+    done += n;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SnapshotEngine::OriginTrim(uint64_t length, uint64_t offset,
+                                        bool fua) {
+  absl::ReaderMutexLock gate(&origin_gate_);
+  if (!origin_.can_trim()) return absl::OkStatus();  // advisory
+  if (absl::Status st = CopyOutAll(length, offset); !st.ok()) return st;
+  return origin_.Trim(length, offset, fua);
+}
+
+absl::Status SnapshotEngine::OriginFlush() {
+  if (!origin_.can_flush()) return absl::OkStatus();
+  return origin_.Flush();
+}
+
+// --------------------------------------------------------------- snapshot
+
+absl::Status SnapshotEngine::SnapRead(Snapshot& s, std::span<char> buf,
+                                      uint64_t offset) {
+  if (absl::Status st = CheckUsable(s); !st.ok()) return st;
+  if (buf.empty()) return absl::OkStatus();
+  const uint64_t first = offset >> s.shift;
+  const uint64_t last = (offset + buf.size() - 1) >> s.shift;
+  // Shared: origin writes to these chunks wait until the read is done.
+  ChunkLockGuard guard(s.locks, ChunkLockGuard::kShared, first, last);
+  const uint64_t end = offset + buf.size();
+  uint64_t pos = offset;
+  while (pos < end) {
+    // A run of chunks all on the origin, or all in consecutive COW chunks,
+    // is one read.
+    uint64_t c = pos >> s.shift;
+    std::optional<Exception> ex = s.store->Lookup(c);
+    uint64_t run_end = std::min((c + 1) << s.shift, end);
+    while (run_end < end) {
+      std::optional<Exception> next = s.store->Lookup(c + 1);
+      if (ex.has_value() != next.has_value() ||
+          (ex && next->cow_chunk != ex->cow_chunk + (c + 1 - (pos >> s.shift))))
+        break;
+      ++c;
+      run_end = std::min((c + 1) << s.shift, end);
+    }
+    std::span<char> piece = buf.subspan(pos - offset, run_end - pos);
+    absl::Status st =
+        ex ? s.store->ReadChunk(ex->cow_chunk,
+                                pos - ((pos >> s.shift) << s.shift), piece)
+           : origin_.Read(piece, pos);
+    if (!st.ok()) return ex ? ErrnoError(EIO, st.message()) : st;
+    pos = run_end;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
+                                        uint64_t length, uint64_t offset,
+                                        bool zero, bool fua) {
+  if (absl::Status st = CheckUsable(s); !st.ok()) return st;
+  if (s.store->overflowed())
+    return ErrnoError(ENOSPC, absl::StrFormat(
+        "snapshot %s overflowed: its COW file is full, writes fail until "
+        "restart (reads still work)", s.name));
+  if (length == 0) return absl::OkStatus();
+  ExceptionStore& store = *s.store;
+  const uint64_t size = origin_.size();
+  const uint64_t first = offset >> s.shift;
+  const uint64_t last = (offset + length - 1) >> s.shift;
+  ChunkLockGuard guard(s.locks, ChunkLockGuard::kExclusive, first, last);
+  std::vector<char> tmp;
+  for (uint64_t c = first; c <= last; ++c) {
+    const uint64_t cstart = c << s.shift;
+    const uint64_t cend = std::min(cstart + s.chunk_bytes, size);
+    const uint64_t a = std::max(cstart, offset);
+    const uint64_t b = std::min(cend, offset + length);
+    const bool whole = a == cstart && b == cend;
+    auto put = [&](uint64_t cow) -> absl::Status {
+      if (!zero) return store.WriteChunk(cow, a - cstart, data.subspan(a - offset, b - a));
+      if (whole) return store.ZeroChunk(cow, 0, b - a);
+      for (uint64_t p = a; p < b;) {
+        uint64_t n = std::min(b - p, kCopyBuffer);
+        if (absl::Status st = store.WriteChunk(cow, p - cstart, {Zeros().data(), n});
+            !st.ok())
+          return st;
+        p += n;
+      }
+      return absl::OkStatus();
+    };
+    if (std::optional<Exception> ex = store.Lookup(c)) {
+      if (absl::Status st = put(ex->cow_chunk); !st.ok())
+        return ErrnoError(EIO, st.message());
+      continue;
+    }
+    absl::StatusOr<uint64_t> cow = store.Allocate(c, WriteSource::kSnapshot);
+    if (!cow.ok()) {
+      if (!store.valid())
+        return ErrnoError(EIO, absl::StrFormat("snapshot %s is invalid: %s",
+                                               s.name, store.invalid_reason()));
+      return ErrnoError(ENOSPC, absl::StrFormat("snapshot %s: %s", s.name,
+                                                cow.status().message()));
+    }
+    absl::Status st;
+    if (!whole) {
+      // Partial chunk: the old contents first (dm copies the chunk, then
+      // lets the write through).
+      for (uint64_t p = cstart; p < cend && st.ok();) {
+        uint64_t n = std::min(cend - p, kCopyBuffer);
+        tmp.resize(n);
+        st = origin_.Read(tmp, p);
+        if (st.ok()) st = store.WriteChunk(*cow, p - cstart, tmp);
+        p += n;
+      }
+    }
+    if (st.ok()) st = put(*cow);
+    if (!st.ok()) {
+      store.Abandon(*cow);
+      return ErrnoError(EIO, st.message());
+    }
+    if (absl::Status cst = store.Commit(*cow, fua); !cst.ok())
+      return ErrnoError(EIO, cst.message());
+  }
+  if (fua)
+    if (absl::Status st = store.Flush(); !st.ok()) return ErrnoError(EIO, st.message());
+  return absl::OkStatus();
+}
+
+absl::Status SnapshotEngine::SnapWrite(Snapshot& s, std::span<const char> buf,
+                                       uint64_t offset, bool fua) {
+  return SnapModify(s, buf, buf.size(), offset, false, fua);
+}
+
+absl::Status SnapshotEngine::SnapZero(Snapshot& s, uint64_t length,
+                                      uint64_t offset, bool fua, bool fast) {
+  if (fast && length > 0) {
+    // Partial chunks without an exception would need a copy first.
+    const uint64_t size = origin_.size();
+    for (uint64_t c = offset >> s.shift; c <= (offset + length - 1) >> s.shift; ++c) {
+      const uint64_t cstart = c << s.shift;
+      const uint64_t cend = std::min(cstart + s.chunk_bytes, size);
+      const bool whole = offset <= cstart && offset + length >= cend;
+      if (!whole && !s.store->Lookup(c))
+        return ErrnoError(ENOTSUP, "fast zero would need a chunk copy");
+    }
+  }
+  return SnapModify(s, {}, length, offset, true, fua);
+}
+
+absl::Status SnapshotEngine::SnapTrim(Snapshot& s, uint64_t length,
+                                      uint64_t offset) {
+  // Advisory: free the space of whole chunks already in the COW; never
+  // touch the origin.
+  if (absl::Status st = CheckUsable(s); !st.ok()) return st;
+  if (length == 0) return absl::OkStatus();
+  const uint64_t size = origin_.size();
+  const uint64_t first = offset >> s.shift;
+  const uint64_t last = (offset + length - 1) >> s.shift;
+  ChunkLockGuard guard(s.locks, ChunkLockGuard::kExclusive, first, last);
+  for (uint64_t c = first; c <= last; ++c) {
+    const uint64_t cstart = c << s.shift;
+    const uint64_t cend = std::min(cstart + s.chunk_bytes, size);
+    if (offset > cstart || offset + length < cend) continue;
+    if (std::optional<Exception> ex = s.store->Lookup(c))
+      (void)s.store->ZeroChunk(ex->cow_chunk, 0, cend - cstart);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SnapshotEngine::SnapFlush(Snapshot& s) {
+  if (absl::Status st = s.store->Flush(); !st.ok()) return ErrnoError(EIO, st.message());
+  return absl::OkStatus();
+}
+
+void SnapshotEngine::SnapClassify(
+    Snapshot& s, uint64_t length, uint64_t offset,
+    const std::function<void(uint64_t, uint64_t, bool)>& piece) {
+  const uint64_t end = offset + length;
+  uint64_t pos = offset;
+  while (pos < end) {
+    uint64_t c = pos >> s.shift;
+    const bool in_cow = s.store->Lookup(c).has_value();
+    uint64_t run_end = std::min((c + 1) << s.shift, end);
+    while (run_end < end && s.store->Lookup(c + 1).has_value() == in_cow) {
+      ++c;
+      run_end = std::min((c + 1) << s.shift, end);
+    }
+    piece(pos, run_end - pos, in_cow);
+    pos = run_end;
+  }
+}
+
+}  // namespace snap

@@ -1,0 +1,93 @@
+// The origin and snapshot I/O paths of dm-snapshot, without nbdkit:
+// copy-out on origin writes, COW redirection for snapshot I/O, and the
+// pending-exception interlock between them.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "filter/chunk_locks.h"
+#include "filter/origin_io.h"
+#include "store/exception_store.h"
+
+namespace snap {
+
+struct Snapshot {
+  Snapshot(std::string name, std::string path,
+           std::unique_ptr<ExceptionStore> store);
+
+  const std::string name;
+  const std::string path;
+  const std::unique_ptr<ExceptionStore> store;
+  const uint64_t chunk_bytes;
+  const int shift;  // log2(chunk_bytes)
+  ChunkLocks locks;
+  std::atomic<bool> merging{false};
+
+  // One line for nbdinfo --list and logs: the dm status and the store type.
+  std::string Description() const;
+};
+
+class SnapshotEngine {
+ public:
+  explicit SnapshotEngine(OriginIo& origin) : origin_(origin) {}
+
+  // Snapshots are kept largest chunk first (dm: "sort by chunk size to fix
+  // race").
+  void Add(std::shared_ptr<Snapshot> snap);
+  std::shared_ptr<Snapshot> Find(std::string_view name) const;
+  std::vector<std::shared_ptr<Snapshot>> List() const;
+
+  OriginIo& origin() { return origin_; }
+  uint64_t size() const { return origin_.size(); }
+
+  // The origin export.
+  absl::Status OriginRead(std::span<char> buf, uint64_t offset);
+  absl::Status OriginWrite(std::span<const char> buf, uint64_t offset, bool fua);
+  absl::Status OriginZero(uint64_t length, uint64_t offset, bool may_trim,
+                          bool fua, bool fast);
+  absl::Status OriginTrim(uint64_t length, uint64_t offset, bool fua);
+  absl::Status OriginFlush();
+
+  // A snapshot export.
+  absl::Status SnapRead(Snapshot& s, std::span<char> buf, uint64_t offset);
+  absl::Status SnapWrite(Snapshot& s, std::span<const char> buf,
+                         uint64_t offset, bool fua);
+  absl::Status SnapZero(Snapshot& s, uint64_t length, uint64_t offset,
+                        bool fua, bool fast);
+  absl::Status SnapTrim(Snapshot& s, uint64_t length, uint64_t offset);
+  absl::Status SnapFlush(Snapshot& s);
+  // Splits [offset, offset+length) into pieces that live in the COW
+  // (in_cow) or still on the origin.
+  void SnapClassify(Snapshot& s, uint64_t length, uint64_t offset,
+                    const std::function<void(uint64_t off, uint64_t len,
+                                             bool in_cow)>& piece);
+
+  // Makes sure every snapshot that takes copy-outs holds the old contents
+  // of [offset, offset+length) before the origin changes there.
+  absl::Status CopyOutAll(uint64_t length, uint64_t offset);
+
+ private:
+  absl::Status CopyOut(Snapshot& s, uint64_t length, uint64_t offset);
+  // Writes data (or zeros when data is empty and zero is set) into s.
+  absl::Status SnapModify(Snapshot& s, std::span<const char> data,
+                          uint64_t length, uint64_t offset, bool zero,
+                          bool fua);
+  absl::Status CheckUsable(const Snapshot& s) const;
+
+  OriginIo& origin_;
+  // Origin writes hold it shared; taking a snapshot live holds it
+  // exclusively, so in-flight origin writes drain first.
+  mutable absl::Mutex origin_gate_;
+  mutable absl::Mutex list_mu_;
+  std::vector<std::shared_ptr<Snapshot>> snaps_ ABSL_GUARDED_BY(list_mu_);
+};
+
+}  // namespace snap

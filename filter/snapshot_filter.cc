@@ -1,0 +1,423 @@
+// nbdkit glue: parameters, exports and callbacks. The I/O logic lives in
+// SnapshotEngine; every callback catches everything (an exception escaping
+// into nbdkit would abort the server) and maps errors to an errno.
+#include <nbdkit-filter.h>
+
+#include <errno.h>
+#include <inttypes.h>
+
+#include <memory>
+#include <new>
+#include <string>
+
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "filter/config.h"
+#include "filter/errno_status.h"
+#include "filter/log.h"
+#include "filter/nbdkit_origin.h"
+#include "filter/snapshot_engine.h"
+#include "store/cow_format.h"
+
+namespace snap {
+namespace {
+
+FilterConfig g_config;
+std::vector<std::shared_ptr<Snapshot>> g_opened;  // from config_complete
+int g_thread_model = NBDKIT_THREAD_MODEL_PARALLEL;
+NbdkitOrigin g_origin;
+std::unique_ptr<SnapshotEngine> g_engine;
+
+struct Handle {
+  std::shared_ptr<Snapshot> snap;  // null: the origin export
+  bool readonly;
+};
+
+void LogToNbdkit(const std::string& m) { nbdkit_debug("snapshot: %s", m.c_str()); }
+
+// Runs body; turns a failed status or any exception into -1 and *err.
+template <typename F>
+int Guarded(int* err, F&& body) {
+  try {
+    absl::Status st = body();
+    if (st.ok()) return 0;
+    *err = StatusToErrno(st);
+    nbdkit_error("snapshot: %s", std::string(st.message()).c_str());
+    return -1;
+  } catch (const std::bad_alloc&) {
+    *err = ENOMEM;
+    nbdkit_error("snapshot: out of memory");
+  } catch (const std::exception& e) {
+    *err = EIO;
+    nbdkit_error("snapshot: internal error: %s", e.what());
+  } catch (...) {
+    *err = EIO;
+    nbdkit_error("snapshot: internal error");
+  }
+  return -1;
+}
+
+std::string ExportNames() {
+  std::vector<std::string> names = {kOriginExport};
+  for (const auto& s : g_engine ? g_engine->List() : g_opened)
+    if (!s->merging.load()) names.push_back(s->name);
+  return absl::StrJoin(names, ", ");
+}
+
+std::string OriginDescription() {
+  return absl::StrFormat("origin with %d snapshot(s)",
+                         g_engine ? g_engine->List().size() : g_opened.size());
+}
+
+void snapshot_load() { SetLogSink(&LogToNbdkit); }
+
+int snapshot_config(nbdkit_next_config* next, nbdkit_backend* nxdata,
+                    const char* key, const char* value) {
+  try {
+    absl::StatusOr<bool> ours = g_config.Set(key, value);
+    if (!ours.ok()) {
+      nbdkit_error("snapshot: %s", std::string(ours.status().message()).c_str());
+      return -1;
+    }
+    if (*ours) return 0;
+  } catch (...) {
+    nbdkit_error("snapshot: out of memory parsing %s", key);
+    return -1;
+  }
+  return next(nxdata, key, value);
+}
+
+int snapshot_config_complete(nbdkit_next_config_complete* next,
+                             nbdkit_backend* nxdata) {
+  try {
+    if (absl::Status st = g_config.Finish(); !st.ok()) {
+      nbdkit_error("snapshot: %s", std::string(st.message()).c_str());
+      return -1;
+    }
+    // Open the stores now, so a bad COW file is a clean startup error.
+    for (const SnapshotSpec& spec : g_config.snapshots) {
+      StoreOptions opts;
+      opts.type = g_config.store_type;
+      opts.chunk_sectors = g_config.chunk_sectors;
+      opts.size_cap = g_config.cow_size;
+      if (opts.type == StoreType::kTransient && opts.chunk_sectors == 0)
+        opts.chunk_sectors = kDefaultChunkSectors;
+      absl::StatusOr<std::unique_ptr<ExceptionStore>> store =
+          OpenStoreFile(spec.path, opts);
+      if (!store.ok()) {
+        nbdkit_error("snapshot=%s: %s", spec.path.c_str(),
+                     std::string(store.status().message()).c_str());
+        return -1;
+      }
+      for (const std::string& note : (*store)->notes())
+        nbdkit_debug("snapshot: %s", note.c_str());
+      auto snap = std::make_shared<Snapshot>(spec.name, spec.path, std::move(*store));
+      if (!snap->store->valid())
+        nbdkit_debug("snapshot: %s is invalid: %s", spec.name.c_str(),
+                     snap->store->invalid_reason().c_str());
+      g_opened.push_back(std::move(snap));
+    }
+  } catch (const std::exception& e) {
+    nbdkit_error("snapshot: %s", e.what());
+    return -1;
+  }
+  return next(nxdata);
+}
+
+int snapshot_thread_model() { return NBDKIT_THREAD_MODEL_PARALLEL; }
+
+int snapshot_get_ready(int thread_model) {
+  g_thread_model = thread_model;
+  return 0;
+}
+
+int snapshot_after_fork(nbdkit_backend* backend) {
+  try {
+    if (!g_origin.Open(backend, g_thread_model < NBDKIT_THREAD_MODEL_PARALLEL))
+      return -1;
+    g_engine = std::make_unique<SnapshotEngine>(g_origin);
+    for (auto& s : g_opened) g_engine->Add(s);
+    nbdkit_debug("snapshot: origin %" PRIu64 " bytes, %zu snapshot(s)%s",
+                 g_origin.size(), g_opened.size(),
+                 g_thread_model < NBDKIT_THREAD_MODEL_PARALLEL
+                     ? ", origin calls serialized"
+                     : "");
+    return 0;
+  } catch (const std::exception& e) {
+    nbdkit_error("snapshot: %s", e.what());
+    return -1;
+  }
+}
+
+void snapshot_cleanup(nbdkit_backend*) {
+  try {
+    if (g_engine)
+      for (const auto& s : g_engine->List())
+        if (absl::Status st = s->store->Flush(); !st.ok() && s->store->valid())
+          nbdkit_error("snapshot %s: final flush: %s", s->name.c_str(),
+                       std::string(st.message()).c_str());
+    g_engine.reset();
+    g_origin.Close();
+    g_opened.clear();
+  } catch (...) {
+  }
+}
+
+int snapshot_list_exports(nbdkit_next_list_exports*, nbdkit_backend*, int, int,
+                          nbdkit_exports* exports) {
+  try {
+    if (nbdkit_add_export(exports, kOriginExport, OriginDescription().c_str()) == -1)
+      return -1;
+    for (const auto& s : g_engine ? g_engine->List() : g_opened) {
+      if (s->merging.load()) continue;
+      if (nbdkit_add_export(exports, s->name.c_str(), s->Description().c_str()) == -1)
+        return -1;
+    }
+    return 0;
+  } catch (...) {
+    nbdkit_error("snapshot: out of memory listing exports");
+    return -1;
+  }
+}
+
+const char* snapshot_default_export(nbdkit_next_default_export*, nbdkit_backend*,
+                                    int, int) {
+  try {
+    return nbdkit_strdup_intern(g_config.DefaultExport().c_str());
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+void* snapshot_open(nbdkit_next_open*, nbdkit_context*, int readonly,
+                    const char* exportname, int) {
+  try {
+    std::string name = exportname;
+    if (name.empty()) name = g_config.DefaultExport();
+    auto* h = new Handle{nullptr, readonly != 0};
+    if (name == kOriginExport) return h;
+    h->snap = g_engine->Find(name);
+    if (h->snap && !h->snap->merging.load()) return h;
+    delete h;
+    nbdkit_error("snapshot: unknown export '%s': this server exports %s",
+                 name.c_str(), ExportNames().c_str());
+  } catch (...) {
+    nbdkit_error("snapshot: out of memory");
+  }
+  return nullptr;
+}
+
+void snapshot_close(void* handle) { delete static_cast<Handle*>(handle); }
+
+Handle& H(void* handle) { return *static_cast<Handle*>(handle); }
+
+int64_t snapshot_get_size(nbdkit_next*, void*) {
+  return static_cast<int64_t>(g_origin.size());
+}
+
+const char* snapshot_export_description(nbdkit_next*, void* handle) {
+  try {
+    Handle& h = H(handle);
+    std::string d = h.snap ? h.snap->Description() : OriginDescription();
+    return nbdkit_strdup_intern(d.c_str());
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+int snapshot_block_size(nbdkit_next*, void* handle, uint32_t* minimum,
+                        uint32_t* preferred, uint32_t* maximum) {
+  Handle& h = H(handle);
+  uint64_t chunk = 0;
+  if (h.snap) {
+    chunk = h.snap->chunk_bytes;
+  } else {
+    for (const auto& s : g_engine->List())
+      chunk = chunk == 0 ? s->chunk_bytes : std::min(chunk, s->chunk_bytes);
+  }
+  *minimum = 1;
+  *preferred = static_cast<uint32_t>(std::clamp<uint64_t>(chunk, 512, 32 << 20));
+  *maximum = 0xffffffff;
+  return 0;
+}
+
+int snapshot_can_write(nbdkit_next*, void* handle) {
+  Handle& h = H(handle);
+  if (h.readonly) return 0;
+  return h.snap ? 1 : g_origin.can_write();
+}
+int snapshot_can_flush(nbdkit_next*, void*) { return 1; }
+int snapshot_is_rotational(nbdkit_next*, void*) { return 0; }
+int snapshot_can_trim(nbdkit_next*, void*) { return 1; }
+int snapshot_can_zero(nbdkit_next*, void*) { return NBDKIT_ZERO_NATIVE; }
+int snapshot_can_fast_zero(nbdkit_next*, void*) { return 1; }
+int snapshot_can_extents(nbdkit_next*, void*) { return 1; }
+int snapshot_can_fua(nbdkit_next*, void*) { return NBDKIT_FUA_NATIVE; }
+// Every connection sees the one shared origin and store, and a flush
+// covers every connection's writes.
+int snapshot_can_multi_conn(nbdkit_next*, void*) { return 1; }
+int snapshot_can_cache(nbdkit_next*, void*) { return NBDKIT_CACHE_EMULATE; }
+
+int snapshot_pread(nbdkit_next*, void* handle, void* buf, uint32_t count,
+                   uint64_t offset, uint32_t, int* err) {
+  return Guarded(err, [&] {
+    std::span<char> b(static_cast<char*>(buf), count);
+    Handle& h = H(handle);
+    return h.snap ? g_engine->SnapRead(*h.snap, b, offset)
+                  : g_engine->OriginRead(b, offset);
+  });
+}
+
+int snapshot_pwrite(nbdkit_next*, void* handle, const void* buf, uint32_t count,
+                    uint64_t offset, uint32_t flags, int* err) {
+  return Guarded(err, [&] {
+    std::span<const char> b(static_cast<const char*>(buf), count);
+    const bool fua = flags & NBDKIT_FLAG_FUA;
+    Handle& h = H(handle);
+    return h.snap ? g_engine->SnapWrite(*h.snap, b, offset, fua)
+                  : g_engine->OriginWrite(b, offset, fua);
+  });
+}
+
+int snapshot_zero(nbdkit_next*, void* handle, uint32_t count, uint64_t offset,
+                  uint32_t flags, int* err) {
+  return Guarded(err, [&] {
+    const bool fua = flags & NBDKIT_FLAG_FUA;
+    const bool fast = flags & NBDKIT_FLAG_FAST_ZERO;
+    Handle& h = H(handle);
+    return h.snap ? g_engine->SnapZero(*h.snap, count, offset, fua, fast)
+                  : g_engine->OriginZero(count, offset,
+                                         flags & NBDKIT_FLAG_MAY_TRIM, fua, fast);
+  });
+}
+
+int snapshot_trim(nbdkit_next*, void* handle, uint32_t count, uint64_t offset,
+                  uint32_t flags, int* err) {
+  return Guarded(err, [&] {
+    Handle& h = H(handle);
+    return h.snap ? g_engine->SnapTrim(*h.snap, count, offset)
+                  : g_engine->OriginTrim(count, offset, flags & NBDKIT_FLAG_FUA);
+  });
+}
+
+int snapshot_flush(nbdkit_next*, void* handle, uint32_t, int* err) {
+  return Guarded(err, [&] {
+    Handle& h = H(handle);
+    return h.snap ? g_engine->SnapFlush(*h.snap) : g_engine->OriginFlush();
+  });
+}
+
+int snapshot_extents(nbdkit_next*, void* handle, uint32_t count, uint64_t offset,
+                     uint32_t flags, nbdkit_extents* extents, int* err) {
+  return Guarded(err, [&]() -> absl::Status {
+    Handle& h = H(handle);
+    if (!h.snap) {
+      if (g_origin.Extents(count, offset, flags, extents, err) == -1)
+        return ErrnoError(*err ? *err : EIO, "origin extents failed");
+      return absl::OkStatus();
+    }
+    absl::Status st;
+    g_engine->SnapClassify(*h.snap, count, offset,
+                           [&](uint64_t off, uint64_t len, bool in_cow) {
+      if (!st.ok()) return;
+      if (in_cow || !g_origin.can_extents()) {
+        if (nbdkit_add_extent(extents, off, len, 0) == -1)
+          st = ErrnoError(ENOMEM, "cannot add extent");
+        return;
+      }
+      // The origin's own map for this piece, clipped to it.
+      nbdkit_extents* tmp = nbdkit_extents_new(off, off + len);
+      if (tmp == nullptr) {
+        st = ErrnoError(ENOMEM, "cannot allocate extents");
+        return;
+      }
+      int e = 0;
+      if (g_origin.Extents(static_cast<uint32_t>(len), off, 0, tmp, &e) == -1) {
+        st = ErrnoError(e ? e : EIO, "origin extents failed");
+      } else {
+        uint64_t covered = off;
+        for (size_t i = 0; i < nbdkit_extents_count(tmp) && covered < off + len; ++i) {
+          nbdkit_extent x = nbdkit_get_extent(tmp, i);
+          uint64_t a = std::max(x.offset, covered);
+          uint64_t b = std::min(x.offset + x.length, off + len);
+          if (b <= a) continue;
+          if (nbdkit_add_extent(extents, a, b - a, x.type) == -1) {
+            st = ErrnoError(ENOMEM, "cannot add extent");
+            break;
+          }
+          covered = b;
+        }
+        if (st.ok() && covered < off + len &&
+            nbdkit_add_extent(extents, covered, off + len - covered, 0) == -1)
+          st = ErrnoError(ENOMEM, "cannot add extent");
+      }
+      nbdkit_extents_free(tmp);
+    });
+    return st;
+  });
+}
+
+int snapshot_cache(nbdkit_next*, void* handle, uint32_t count, uint64_t offset,
+                   uint32_t, int* err) {
+  // Reading is the only way to warm both the origin and the COW.
+  return Guarded(err, [&] {
+    std::vector<char> buf(count);
+    Handle& h = H(handle);
+    return h.snap ? g_engine->SnapRead(*h.snap, buf, offset)
+                  : g_engine->OriginRead(buf, offset);
+  });
+}
+
+}  // namespace
+}  // namespace snap
+
+#define CONFIG_HELP                                                            \
+  "snapshot=[NAME=]COWFILE   (repeatable) A snapshot kept in COWFILE; NAME\n"  \
+  "                          defaults to the file's basename.\n"              \
+  "snapshot-chunk-size=SIZE  Chunk size of new stores (512 .. 1G, power\n"     \
+  "                          of 2; default 4k). An existing header wins.\n"  \
+  "snapshot-store=P|PO|N     Persistent, persistent with overflow, or\n"      \
+  "                          transient (default P).\n"                        \
+  "snapshot-cow-size=SIZE    Cap on each COW file's size (default none).\n"  \
+  "snapshot-export=origin|NAME  What the default export \"\" serves."
+
+static struct nbdkit_filter filter = [] {
+  struct nbdkit_filter f = {};
+  f.name = "snapshot";
+  f.longname = "nbdkit dm-snapshot filter";
+  f.load = snap::snapshot_load;
+  f.config = snap::snapshot_config;
+  f.config_complete = snap::snapshot_config_complete;
+  f.config_help = CONFIG_HELP;
+  f.thread_model = snap::snapshot_thread_model;
+  f.get_ready = snap::snapshot_get_ready;
+  f.after_fork = snap::snapshot_after_fork;
+  f.cleanup = snap::snapshot_cleanup;
+  f.list_exports = snap::snapshot_list_exports;
+  f.default_export = snap::snapshot_default_export;
+  f.open = snap::snapshot_open;
+  f.close = snap::snapshot_close;
+  f.get_size = snap::snapshot_get_size;
+  f.export_description = snap::snapshot_export_description;
+  f.block_size = snap::snapshot_block_size;
+  f.can_write = snap::snapshot_can_write;
+  f.can_flush = snap::snapshot_can_flush;
+  f.is_rotational = snap::snapshot_is_rotational;
+  f.can_trim = snap::snapshot_can_trim;
+  f.can_zero = snap::snapshot_can_zero;
+  f.can_fast_zero = snap::snapshot_can_fast_zero;
+  f.can_extents = snap::snapshot_can_extents;
+  f.can_fua = snap::snapshot_can_fua;
+  f.can_multi_conn = snap::snapshot_can_multi_conn;
+  f.can_cache = snap::snapshot_can_cache;
+  f.pread = snap::snapshot_pread;
+  f.pwrite = snap::snapshot_pwrite;
+  f.flush = snap::snapshot_flush;
+  f.trim = snap::snapshot_trim;
+  f.zero = snap::snapshot_zero;
+  f.extents = snap::snapshot_extents;
+  f.cache = snap::snapshot_cache;
+  return f;
+}();
+
+NBDKIT_REGISTER_FILTER(filter)
