@@ -320,6 +320,7 @@ void PersistentStore::WriteAreaLocked() {
       cur_count_ = 0;
       std::fill(area_buf_.begin(), area_buf_.end(), 0);
       file_size_ = std::max(file_size_, (geo_.AreaChunk(cur_area_) + 1) * cb);
+      DrainLocked();
     }
   }
   cv_.SignalAll();
@@ -335,9 +336,10 @@ absl::Status PersistentStore::Commit(uint64_t cow_chunk, bool wait_durable) {
   it->second.state = SlotState::kReady;
   table_.Insert(it->second.old_chunk, slot);
   committed_upto_ = std::max(committed_upto_, slot + 1);
-  DrainLocked();
   cv_.SignalAll();
   for (;;) {
+    // Slots committed while the area was full wait here for a new area.
+    DrainLocked();
     if (!valid_)
       return absl::DataLossError(absl::StrFormat(
           "%s: snapshot is invalid: %s", file_->name(), invalid_reason_));
@@ -372,6 +374,7 @@ absl::Status PersistentStore::Flush() {
   const uint32_t target = committed_upto_;
   bool wrote = false;  // this thread ran a group commit, which syncs data first
   for (;;) {
+    DrainLocked();
     if (!valid_)
       return absl::DataLossError(absl::StrFormat(
           "%s: snapshot is invalid: %s", file_->name(), invalid_reason_));

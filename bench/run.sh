@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Benchmarks: the snapshot filter side by side with passthrough nbdkit file,
+# nbdkit's cow filter (4K, 64K) and qemu-nbd over a qcow2 overlay, in one
+# run, interleaved, several repetitions, medians reported as ratios to
+# passthrough. Not a test: nothing here asserts a time.
+#
+#   bench/run.sh [-r REPS] [-s SIZE_MIB] [-o RESULTS.md]
+#
+# Needs: nbdkit, the built filter, fio (nbd engine), qemu-img, qemu-nbd.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+export PATH=/usr/bin:$top/tools:$PATH PYENV_VERSION=system
+FILTER=${FILTER:-$top/filter/.libs/nbdkit-snapshot-filter.so}
+REPS=5
+SIZE=256
+OUT=
+while getopts r:s:o: opt; do
+  case $opt in r) REPS=$OPTARG ;; s) SIZE=$OPTARG ;; o) OUT=$OPTARG ;; *) exit 2 ;; esac
+done
+work=$(mktemp -d /var/tmp/snapbench.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+cd "$work"
+sock=$work/nbd.sock
+
+head -c $((SIZE << 20)) /dev/urandom > base0.img
+
+# start_server TARGET: serves TARGET's export on $sock, with fresh state.
+start_server() {
+  rm -f "$sock" cur.img ./*.cow overlay.qcow2
+  cp --reflink=auto base0.img cur.img
+  local export=
+  case $1 in
+    passthrough) nbdkit -f -U "$sock" file cur.img & ;;
+    cow4k) nbdkit -f -U "$sock" --filter=cow file cur.img cow-block-size=4096 & ;;
+    cow64k) nbdkit -f -U "$sock" --filter=cow file cur.img cow-block-size=65536 & ;;
+    qcow2)
+      qemu-img create -q -f qcow2 -F raw -b cur.img overlay.qcow2
+      qemu-nbd -k "$sock" -f qcow2 --cache=writeback overlay.qcow2 & ;;
+    snap4k|snap64k)
+      local cs=${1#snap}
+      nbdkit -f -U "$sock" --filter="$FILTER" file cur.img \
+        snapshot=s=s.cow snapshot-chunk-size="$cs" & ;;
+    origin1|origin8)
+      local n=${1#origin} args=()
+      for i in $(seq 1 "$n"); do args+=("snapshot=s$i=s$i.cow"); done
+      nbdkit -f -U "$sock" --filter="$FILTER" file cur.img "${args[@]}" \
+        snapshot-chunk-size=64k snapshot-export=origin & ;;
+  esac
+  pids=($!)
+  for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
+}
+stop_server() { kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; pids=(); }
+
+# fio_run NAME FIO-ARGS...: prints bandwidth in KiB/s (reads+writes).
+fio_run() {
+  fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+      --size="${SIZE}M" --output-format=terse --terse-version=3 "$@" |
+    awk -F';' '{print $7 + $48}'
+}
+
+declare -A W=(
+  [seqread]="--rw=read --bs=1M --iodepth=8"
+  [seqwrite]="--rw=write --bs=1M --iodepth=8"
+  [randwrite4k]="--rw=randwrite --bs=4k --iodepth=32"
+  [randread4k]="--rw=randread --bs=4k --iodepth=32"
+)
+TARGETS=(passthrough snap4k snap64k cow4k cow64k qcow2)
+declare -A R
+
+for rep in $(seq 1 "$REPS"); do
+  for t in "${TARGETS[@]}"; do
+    for w in seqread seqwrite randwrite4k randread4k; do
+      start_server "$t"
+      v=$(fio_run "$w" ${W[$w]})
+      stop_server
+      R[$t,$w]+="$v "
+    done
+    # Rewrite: the same random writes again, chunks already copied.
+    start_server "$t"
+    fio_run warm ${W[randwrite4k]} >/dev/null
+    v=$(fio_run rewrite ${W[randwrite4k]})
+    stop_server
+    R[$t,randrewrite4k]+="$v "
+    # Flush: 4k writes each followed by a flush (fsync=1), time-bound.
+    start_server "$t"
+    v=$(fio_run flush --rw=write --bs=4k --iodepth=1 --fsync=1 --runtime=5 --time_based)
+    stop_server
+    R[$t,flush]+="$v "
+  done
+  for t in origin1 origin8; do
+    start_server "$t"
+    v=$(fio_run originw --rw=randwrite --bs=64k --iodepth=16)
+    stop_server
+    R[$t,originwrite]+="$v "
+  done
+  start_server passthrough
+  v=$(fio_run originw --rw=randwrite --bs=64k --iodepth=16)
+  stop_server
+  R[passthrough,originwrite]+="$v "
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+report() {
+  echo "Median of $REPS runs, ${SIZE} MiB image, KiB/s and ratio to passthrough."
+  echo
+  printf '| workload |'; for t in "${TARGETS[@]}"; do printf ' %s |' "$t"; done; echo
+  printf '|---|'; for _ in "${TARGETS[@]}"; do printf -- '---|'; done; echo
+  for w in seqread seqwrite randwrite4k randrewrite4k randread4k flush; do
+    local base; base=$(echo "${R[passthrough,$w]}" | median)
+    printf '| %s |' "$w"
+    for t in "${TARGETS[@]}"; do
+      local m; m=$(echo "${R[$t,$w]}" | median)
+      printf ' %s (%.2f) |' "$m" "$(awk -v a="$m" -v b="$base" 'BEGIN{print b ? a/b : 0}')"
+    done
+    echo
+  done
+  local base; base=$(echo "${R[passthrough,originwrite]}" | median)
+  for t in origin1 origin8; do
+    local m; m=$(echo "${R[$t,originwrite]}" | median)
+    printf '| origin 64k randwrite, %s snapshot(s) | %s (%.2f) |\n' "${t#origin}" "$m" \
+      "$(awk -v a="$m" -v b="$base" 'BEGIN{print b ? a/b : 0}')"
+  done
+}
+if [ -n "$OUT" ]; then report | tee "$OUT"; else report; fi
