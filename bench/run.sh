@@ -37,7 +37,7 @@ start_server() {
     cow64k) nbdkit -f -U "$sock" --filter=cow file cur.img cow-block-size=65536 & ;;
     qcow2)
       qemu-img create -q -f qcow2 -F raw -b cur.img overlay.qcow2
-      qemu-nbd -k "$sock" -f qcow2 --cache=writeback overlay.qcow2 & ;;
+      qemu-nbd -k "$sock" -f qcow2 --cache=writeback --persistent --shared=16 overlay.qcow2 & ;;
     snap4k|snap64k)
       local cs=${1#snap}
       nbdkit -f -U "$sock" --filter="$FILTER" file cur.img \
@@ -53,11 +53,12 @@ start_server() {
 }
 stop_server() { kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; pids=(); }
 
-# fio_run NAME FIO-ARGS...: prints bandwidth in KiB/s (reads+writes).
+# fio_run NAME FIO-ARGS...: prints bandwidth in KiB/s (reads + writes).
 fio_run() {
+  shift  # the name is for the reader
   fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
-      --size="${SIZE}M" --output-format=terse --terse-version=3 "$@" |
-    awk -F';' '{print $7 + $48}'
+      --size="${SIZE}M" --output-format=json "$@" |
+    python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(j["read"]["bw"] + j["write"]["bw"])'
 }
 
 declare -A W=(

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstring>
+#include <utility>
 
 #include "absl/strings/str_format.h"
 #include "filter/errno_status.h"
@@ -130,6 +131,15 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
     }
     if (!st.ok()) {
       store.Abandon(*cow);
+      if (absl::IsResourceExhausted(st)) {
+        // The filesystem under the COW file is full: refuse the origin
+        // write rather than lose the snapshot's old data or the snapshot.
+        return ErrnoError(ENOSPC, absl::StrFormat(
+            "snapshot %s: no space to save the old data: %s", s.name,
+            st.message()));
+      }
+      LogMessage(absl::StrFormat("snapshot %s: invalidated: copy to %s failed: %s",
+                                 s.name, s.path, st.message()));
       store.Invalidate(absl::StrCat("copy to the COW file failed: ", st.message()));
       return absl::OkStatus();
     }
@@ -242,6 +252,23 @@ absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
   const uint64_t first = offset >> s.shift;
   const uint64_t last = (offset + length - 1) >> s.shift;
   ChunkLockGuard guard(s.locks, ChunkLockGuard::kExclusive, first, last);
+
+  // Pieces that go straight to the COW are gathered into runs of
+  // consecutive COW chunks, so a sequential write is one pwrite, not one
+  // per chunk. New exceptions are committed once their data is written.
+  std::vector<uint64_t> fresh;
+  uint64_t run_cow = 0, run_in = 0, run_len = 0, run_src = 0;
+  auto write_run = [&]() -> absl::Status {
+    if (run_len == 0) return absl::OkStatus();
+    const uint64_t len = std::exchange(run_len, 0);
+    if (zero) return store.ZeroChunk(run_cow, run_in, len);
+    return store.WriteChunk(run_cow, run_in, data.subspan(run_src, len));
+  };
+  auto fail = [&](absl::Status st) {
+    for (uint64_t cow : fresh) store.Abandon(cow);
+    // A full filesystem fails the write and keeps the snapshot valid.
+    return ErrnoError(absl::IsResourceExhausted(st) ? ENOSPC : EIO, st.message());
+  };
   std::vector<char> tmp;
   for (uint64_t c = first; c <= last; ++c) {
     const uint64_t cstart = c << s.shift;
@@ -249,50 +276,69 @@ absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
     const uint64_t a = std::max(cstart, offset);
     const uint64_t b = std::min(cend, offset + length);
     const bool whole = a == cstart && b == cend;
-    auto put = [&](uint64_t cow) -> absl::Status {
-      if (!zero) return store.WriteChunk(cow, a - cstart, data.subspan(a - offset, b - a));
-      if (whole) return store.ZeroChunk(cow, 0, b - a);
+    uint64_t cow;
+    if (std::optional<Exception> ex = store.Lookup(c)) {
+      cow = ex->cow_chunk;
+    } else {
+      absl::StatusOr<uint64_t> got = store.Allocate(c, WriteSource::kSnapshot);
+      if (!got.ok()) {
+        absl::Status st = write_run();
+        for (uint64_t f : fresh)
+          if (st.ok()) st = store.Commit(f, fua);
+        if (!store.valid())
+          return ErrnoError(EIO, absl::StrFormat("snapshot %s is invalid: %s",
+                                                 s.name, store.invalid_reason()));
+        return ErrnoError(ENOSPC, absl::StrFormat("snapshot %s: %s", s.name,
+                                                  got.status().message()));
+      }
+      cow = *got;
+      fresh.push_back(cow);
+      if (!whole) {
+        // Partial chunk: the old contents first (dm copies the chunk, then
+        // lets the write through).
+        if (absl::Status st = write_run(); !st.ok()) return fail(st);
+        for (uint64_t p = cstart; p < cend;) {
+          uint64_t n = std::min(cend - p, kCopyBuffer);
+          tmp.resize(n);
+          absl::Status st = origin_.Read(tmp, p);
+          if (st.ok()) st = store.WriteChunk(cow, p - cstart, tmp);
+          if (!st.ok()) return fail(st);
+          p += n;
+        }
+      }
+    }
+    if (zero && !whole) {
+      // Zeros inside a chunk are written, not punched.
+      if (absl::Status st = write_run(); !st.ok()) return fail(st);
       for (uint64_t p = a; p < b;) {
         uint64_t n = std::min(b - p, kCopyBuffer);
         if (absl::Status st = store.WriteChunk(cow, p - cstart, {Zeros().data(), n});
             !st.ok())
-          return st;
+          return fail(st);
         p += n;
       }
-      return absl::OkStatus();
-    };
-    if (std::optional<Exception> ex = store.Lookup(c)) {
-      if (absl::Status st = put(ex->cow_chunk); !st.ok())
-        return ErrnoError(EIO, st.message());
       continue;
     }
-    absl::StatusOr<uint64_t> cow = store.Allocate(c, WriteSource::kSnapshot);
-    if (!cow.ok()) {
-      if (!store.valid())
-        return ErrnoError(EIO, absl::StrFormat("snapshot %s is invalid: %s",
-                                               s.name, store.invalid_reason()));
-      return ErrnoError(ENOSPC, absl::StrFormat("snapshot %s: %s", s.name,
-                                                cow.status().message()));
+    // Extend the run when this piece continues it on disk and in data.
+    if (run_len != 0 && cow == run_cow + ((run_in + run_len) >> s.shift) &&
+        a == cstart && ((run_in + run_len) & (s.chunk_bytes - 1)) == 0) {
+      run_len += b - a;
+      continue;
     }
-    absl::Status st;
-    if (!whole) {
-      // Partial chunk: the old contents first (dm copies the chunk, then
-      // lets the write through).
-      for (uint64_t p = cstart; p < cend && st.ok();) {
-        uint64_t n = std::min(cend - p, kCopyBuffer);
-        tmp.resize(n);
-        st = origin_.Read(tmp, p);
-        if (st.ok()) st = store.WriteChunk(*cow, p - cstart, tmp);
-        p += n;
-      }
-    }
-    if (st.ok()) st = put(*cow);
-    if (!st.ok()) {
-      store.Abandon(*cow);
+    if (absl::Status st = write_run(); !st.ok()) return fail(st);
+    run_cow = cow;
+    run_in = a - cstart;
+    run_len = b - a;
+    run_src = a - offset;
+  }
+  if (absl::Status st = write_run(); !st.ok()) return fail(st);
+  for (size_t i = 0; i < fresh.size(); ++i) {
+    // With FUA, waiting for the last record covers the ones before it.
+    const bool wait = fua && i + 1 == fresh.size();
+    if (absl::Status st = store.Commit(fresh[i], wait); !st.ok()) {
+      for (size_t j = i + 1; j < fresh.size(); ++j) store.Abandon(fresh[j]);
       return ErrnoError(EIO, st.message());
     }
-    if (absl::Status cst = store.Commit(*cow, fua); !cst.ok())
-      return ErrnoError(EIO, cst.message());
   }
   if (fua)
     if (absl::Status st = store.Flush(); !st.ok()) return ErrnoError(EIO, st.message());

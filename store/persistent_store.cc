@@ -125,8 +125,11 @@ class PersistentStore final : public ExceptionStore {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves ready slots, in allocation order, into the area buffer.
   void DrainLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool NextAreaKnownZeroLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The current area is full and its successor must be zeroed on disk
+  // before more records can go anywhere.
   bool AreaFullLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return cur_count_ == geo_.exceptions_per_area();
+    return cur_count_ == geo_.exceptions_per_area() && !NextAreaKnownZeroLocked();
   }
   // One group commit: sync data, zero the next area if this one is full,
   // write the area, sync. Drops the lock while doing I/O.
@@ -150,6 +153,10 @@ class PersistentStore final : public ExceptionStore {
   uint64_t cur_area_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t cur_count_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<char> area_buf_ ABSL_GUARDED_BY(mu_);
+  // Areas filled since the last group commit, not yet on disk.
+  std::vector<std::pair<uint64_t, std::vector<char>>> full_areas_
+      ABSL_GUARDED_BY(mu_);
+  uint64_t size_at_open_ ABSL_GUARDED_BY(mu_) = 0;
   bool writer_active_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t file_size_ ABSL_GUARDED_BY(mu_) = 0;
   bool valid_ ABSL_GUARDED_BY(mu_) = true;
@@ -182,19 +189,20 @@ absl::Status PersistentStore::Load(const StoreOptions& opts) {
             ? absl::StrFormat(" (and %d more problems; run nbdsnap check)",
                               scan->problems.size() - 1)
             : std::string(" (run nbdsnap check for details)")));
-  file_size_ = scan->file_size;
+  file_size_ = size_at_open_ = scan->file_size;
   if (scan->is_new) {
     if (read_only_)
       return absl::NotFoundError(absl::StrFormat(
           "%s holds no snapshot store yet (it becomes a new, empty one when "
           "first used by the filter)",
           file_->name()));
-    // Area 0 first, then the header, then sync: a crash leaves either no
-    // store (magic 0) or an empty one.
+    // Area 0 durable first, then the header: a crash leaves either no
+    // store (magic 0) or an empty one, never a header without its area.
     std::vector<char> zero(geo_.chunk_bytes(), 0);
     if (absl::Status st = file_->PWrite(zero, geo_.AreaChunk(0) * geo_.chunk_bytes());
         !st.ok())
       return st;
+    if (absl::Status st = file_->Sync(); !st.ok()) return st;
     if (absl::Status st = WriteHeader(1); !st.ok()) return st;
     if (absl::Status st = file_->Sync(); !st.ok()) return st;
     file_size_ = std::max<uint64_t>(file_size_, 2 * geo_.chunk_bytes());
@@ -259,22 +267,20 @@ absl::StatusOr<uint64_t> PersistentStore::Allocate(uint64_t old_chunk,
     return absl::ResourceExhaustedError(absl::StrFormat(
         "%s: COW file is full (%d bytes)", file_->name(), size_cap_));
   }
-  if (need > file_size_) {
-    if (absl::Status st = file_->GrowTo(need); !st.ok()) {
-      if (absl::IsResourceExhausted(st) && source == WriteSource::kSnapshot &&
-          type_ == StoreType::kPersistentOverflow) {
-        overflowed_ = true;
-      } else {
-        InvalidateLocked(absl::StrCat("Unable to allocate exception: ",
-                                      st.message()));
-      }
-      return st;
-    }
-    file_size_ = need;
-  }
+  // The file grows with the data written into it; the group commit makes
+  // sure it covers every chunk a record names before the record is written.
+  file_size_ = std::max(file_size_, need);
   pending_[next_slot_] = Pending{old_chunk, SlotState::kCopying};
   ++next_slot_;
   return chunk;
+}
+
+bool PersistentStore::NextAreaKnownZeroLocked() const {
+  // Areas past the end of the file as it was opened were never written by
+  // anyone else: they read as zeros until we write them. Areas inside it
+  // (a kernel-made or preallocated COW) may hold old bytes and must be
+  // zeroed on disk before the area before them fills, as the kernel does.
+  return geo_.AreaChunk(cur_area_ + 1) * geo_.chunk_bytes() >= size_at_open_;
 }
 
 void PersistentStore::DrainLocked() {
@@ -289,6 +295,14 @@ void PersistentStore::DrainLocked() {
     }
     pending_.erase(it);
     ++buffered_upto_;
+    if (cur_count_ == epa && NextAreaKnownZeroLocked()) {
+      // Keep the full area for the next group commit and go on in the next
+      // one: a full area needs no sync of its own.
+      full_areas_.emplace_back(cur_area_, area_buf_);
+      ++cur_area_;
+      cur_count_ = 0;
+      std::fill(area_buf_.begin(), area_buf_.end(), 0);
+    }
   }
 }
 
@@ -299,13 +313,23 @@ void PersistentStore::WriteAreaLocked() {
   const bool full = AreaFullLocked();
   const uint64_t area = cur_area_;
   std::vector<char> buf = area_buf_;
+  std::vector<std::pair<uint64_t, std::vector<char>>> full_areas;
+  full_areas.swap(full_areas_);
   const uint64_t cb = geo_.chunk_bytes();
+  const uint64_t grow_to = file_size_;
   mu_.Unlock();
-  absl::Status st = file_->Sync();  // the data the records name
+  // Data first, then every area naming it, then the sync that makes the
+  // commit durable (the kernel's PREFLUSH + FUA).
+  absl::Status st = file_->GrowTo(grow_to);
   if (st.ok() && full) {
+    // The next area must read as zeros on disk before a full area leads
+    // the reader to it: zero it before the sync below.
     std::vector<char> zero(cb, 0);
     st = file_->PWrite(zero, geo_.AreaChunk(area + 1) * cb);
   }
+  if (st.ok()) st = file_->Sync();
+  for (const auto& [a, abuf] : full_areas)
+    if (st.ok()) st = file_->PWrite(abuf, geo_.AreaChunk(a) * cb);
   if (st.ok()) st = file_->PWrite(buf, geo_.AreaChunk(area) * cb);
   if (st.ok()) st = file_->Sync();
   mu_.Lock();
@@ -315,11 +339,10 @@ void PersistentStore::WriteAreaLocked() {
     InvalidateLocked(absl::StrCat("metadata commit failed: ", st.message()));
   } else {
     durable_upto_ = std::max(durable_upto_, target);
-    if (full) {
+    if (full && cur_area_ == area) {
       ++cur_area_;
       cur_count_ = 0;
       std::fill(area_buf_.begin(), area_buf_.end(), 0);
-      file_size_ = std::max(file_size_, (geo_.AreaChunk(cur_area_) + 1) * cb);
       DrainLocked();
     }
   }

@@ -59,10 +59,6 @@ class TransientStore final : public ExceptionStore {
       return absl::ResourceExhaustedError(
           absl::StrFormat("%s: COW file is full", file_->name()));
     }
-    if (absl::Status st = file_->GrowTo((chunk + 1) * cb); !st.ok()) {
-      InvalidateLocked(absl::StrCat("Unable to allocate exception: ", st.message()));
-      return st;
-    }
     pending_[chunk] = old_chunk;
     ++next_chunk_;
     return chunk;
