@@ -101,6 +101,10 @@ absl::StatusOr<bool> FilterConfig::Set(std::string_view key,
     return true;
   }
   if (key == "snapshot-merge") {
+    if (merge && *merge != v)
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "snapshot-merge=%s: already merging %s; only one merge per origin",
+          v, *merge));
     merge = v;
     return true;
   }
@@ -133,6 +137,14 @@ absl::Status FilterConfig::Finish() {
     return absl::InvalidArgumentError(absl::StrFormat(
         "snapshot-merge=%s: no such snapshot; give one of: %s", *merge,
         names.empty() ? "(none given)" : absl::StrJoin(names, ", ")));
+  if (merge && store_type == StoreType::kTransient)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "snapshot-merge=%s: a transient (N) store keeps nothing across "
+        "restarts, so it cannot be merged; use snapshot-store=P",
+        *merge));
+  if (merge_exit && !merge)
+    return absl::InvalidArgumentError(
+        "snapshot-merge-exit=true needs snapshot-merge=NAME");
   if (cow_size != 0 && chunk_sectors != 0 &&
       cow_size < 3 * uint64_t{chunk_sectors} * kSectorBytes)
     return absl::InvalidArgumentError(absl::StrFormat(

@@ -70,6 +70,7 @@ absl::Status SnapshotEngine::CheckUsable(const Snapshot& s) const {
 // ------------------------------------------------------------------ origin
 
 absl::Status SnapshotEngine::OriginRead(std::span<char> buf, uint64_t offset) {
+  if (std::shared_ptr<Snapshot> m = merging()) return MergedRead(*m, buf, offset);
   return origin_.Read(buf, offset);
 }
 
@@ -159,6 +160,8 @@ absl::Status SnapshotEngine::CopyOutAll(uint64_t length, uint64_t offset) {
 
 absl::Status SnapshotEngine::OriginWrite(std::span<const char> buf,
                                          uint64_t offset, bool fua) {
+  if (std::shared_ptr<Snapshot> m = merging())
+    return MergedWrite(*m, buf, buf.size(), offset, fua);
   absl::ReaderMutexLock gate(&origin_gate_);
   if (absl::Status st = CopyOutAll(buf.size(), offset); !st.ok()) return st;
   return origin_.Write(buf, offset, fua);
@@ -166,6 +169,10 @@ absl::Status SnapshotEngine::OriginWrite(std::span<const char> buf,
 
 absl::Status SnapshotEngine::OriginZero(uint64_t length, uint64_t offset,
                                         bool may_trim, bool fua, bool fast) {
+  if (std::shared_ptr<Snapshot> m = merging()) {
+    if (fast) return ErrnoError(ENOTSUP, "no fast zero while merging");
+    return MergedWrite(*m, {}, length, offset, fua);
+  }
   absl::ReaderMutexLock gate(&origin_gate_);
   if (fast) {
     // A zero that must first copy chunks out is not fast.
@@ -190,13 +197,18 @@ absl::Status SnapshotEngine::OriginZero(uint64_t length, uint64_t offset,
 
 absl::Status SnapshotEngine::OriginTrim(uint64_t length, uint64_t offset,
                                         bool fua) {
+  // Advisory; while merging, discards change nothing (dm does the same).
+  if (!origin_.can_trim() || merging()) return absl::OkStatus();
   absl::ReaderMutexLock gate(&origin_gate_);
-  if (!origin_.can_trim()) return absl::OkStatus();  // advisory
   if (absl::Status st = CopyOutAll(length, offset); !st.ok()) return st;
   return origin_.Trim(length, offset, fua);
 }
 
 absl::Status SnapshotEngine::OriginFlush() {
+  // While merging, the merged view lives in both the origin and the COW.
+  if (std::shared_ptr<Snapshot> m = merging())
+    if (absl::Status st = m->store->Flush(); !st.ok())
+      return ErrnoError(EIO, st.message());
   if (!origin_.can_flush()) return absl::OkStatus();
   return origin_.Flush();
 }

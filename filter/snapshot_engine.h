@@ -74,7 +74,19 @@ class SnapshotEngine {
   // of [offset, offset+length) before the origin changes there.
   absl::Status CopyOutAll(uint64_t length, uint64_t offset);
 
+  // Merge (dm's snapshot-merge): while a snapshot merges, the origin
+  // export shows the merged view, the snapshot takes no copy-outs, and
+  // MergeStep moves its newest run of exceptions into the origin.
+  void StartMerge(std::shared_ptr<Snapshot> snap);
+  std::shared_ptr<Snapshot> merging() const;
+  // One step; true when nothing is left to merge.
+  absl::StatusOr<bool> MergeStep();
+
  private:
+  // The origin export's I/O while a merge runs (merge.cc).
+  absl::Status MergedRead(Snapshot& m, std::span<char> buf, uint64_t offset);
+  absl::Status MergedWrite(Snapshot& m, std::span<const char> data,
+                           uint64_t length, uint64_t offset, bool fua);
   absl::Status CopyOut(Snapshot& s, uint64_t length, uint64_t offset);
   // Writes data (or zeros when data is empty and zero is set) into s.
   absl::Status SnapModify(Snapshot& s, std::span<const char> data,
@@ -88,6 +100,7 @@ class SnapshotEngine {
   mutable absl::Mutex origin_gate_;
   mutable absl::Mutex list_mu_;
   std::vector<std::shared_ptr<Snapshot>> snaps_ ABSL_GUARDED_BY(list_mu_);
+  std::shared_ptr<Snapshot> merging_ ABSL_GUARDED_BY(list_mu_);
 };
 
 }  // namespace snap

@@ -4,6 +4,7 @@
 #include <nbdkit-filter.h>
 
 #include <errno.h>
+#include <unistd.h>
 #include <inttypes.h>
 
 #include <memory>
@@ -15,6 +16,7 @@
 #include "filter/config.h"
 #include "filter/errno_status.h"
 #include "filter/log.h"
+#include "filter/merge_runner.h"
 #include "filter/nbdkit_origin.h"
 #include "filter/snapshot_engine.h"
 #include "store/cow_format.h"
@@ -27,6 +29,7 @@ std::vector<std::shared_ptr<Snapshot>> g_opened;  // from config_complete
 int g_thread_model = NBDKIT_THREAD_MODEL_PARALLEL;
 NbdkitOrigin g_origin;
 std::unique_ptr<SnapshotEngine> g_engine;
+MergeRunner g_merge;
 
 struct Handle {
   std::shared_ptr<Snapshot> snap;  // null: the origin export
@@ -65,8 +68,36 @@ std::string ExportNames() {
 }
 
 std::string OriginDescription() {
-  return absl::StrFormat("origin with %d snapshot(s)",
-                         g_engine ? g_engine->List().size() : g_opened.size());
+  std::string d = absl::StrFormat("origin with %d snapshot(s)",
+                                  g_engine ? g_engine->List().size() : g_opened.size());
+  if (g_engine && g_engine->merging()) {
+    std::shared_ptr<Snapshot> m = g_engine->merging();
+    absl::StrAppend(&d, "; ", g_merge.Describe(), " (", m->store->StatusLine(), ")");
+  }
+  return d;
+}
+
+void FlushAll() {
+  if (!g_engine) return;
+  for (const auto& s : g_engine->List())
+    if (absl::Status st = s->store->Flush(); !st.ok() && s->store->valid())
+      nbdkit_error("snapshot %s: final flush: %s", s->name.c_str(),
+                   std::string(st.message()).c_str());
+  (void)g_origin.Flush();
+}
+
+// snapshot-merge-exit: the merge thread ends the server.
+void MergeDone(bool ok) {
+  if (!g_config.merge_exit) return;
+  if (ok) {
+    nbdkit_shutdown();
+    return;
+  }
+  // nbdkit 1.32 has no way to choose its exit status: everything is
+  // durable already, so flush once more and leave with status 1.
+  nbdkit_error("snapshot: merge failed; exiting (restart to resume it)");
+  FlushAll();
+  _exit(1);
 }
 
 void snapshot_load() { SetLogSink(&LogToNbdkit); }
@@ -115,6 +146,12 @@ int snapshot_config_complete(nbdkit_next_config_complete* next,
       if (!snap->store->valid())
         nbdkit_debug("snapshot: %s is invalid: %s", spec.name.c_str(),
                      snap->store->invalid_reason().c_str());
+      if (g_config.merge && *g_config.merge == spec.name && !snap->store->valid()) {
+        nbdkit_error("snapshot-merge=%s: the snapshot is invalid (%s): there is "
+                     "nothing consistent to merge",
+                     spec.name.c_str(), snap->store->invalid_reason().c_str());
+        return -1;
+      }
       g_opened.push_back(std::move(snap));
     }
   } catch (const std::exception& e) {
@@ -137,6 +174,11 @@ int snapshot_after_fork(nbdkit_backend* backend) {
       return -1;
     g_engine = std::make_unique<SnapshotEngine>(g_origin);
     for (auto& s : g_opened) g_engine->Add(s);
+    if (g_config.merge) {
+      std::shared_ptr<Snapshot> m = g_engine->Find(*g_config.merge);
+      g_engine->StartMerge(m);
+      g_merge.Start(*g_engine, m, &MergeDone);
+    }
     nbdkit_debug("snapshot: origin %" PRIu64 " bytes, %zu snapshot(s)%s",
                  g_origin.size(), g_opened.size(),
                  g_thread_model < NBDKIT_THREAD_MODEL_PARALLEL
@@ -151,11 +193,8 @@ int snapshot_after_fork(nbdkit_backend* backend) {
 
 void snapshot_cleanup(nbdkit_backend*) {
   try {
-    if (g_engine)
-      for (const auto& s : g_engine->List())
-        if (absl::Status st = s->store->Flush(); !st.ok() && s->store->valid())
-          nbdkit_error("snapshot %s: final flush: %s", s->name.c_str(),
-                       std::string(st.message()).c_str());
+    g_merge.Stop();
+    FlushAll();
     g_engine.reset();
     g_origin.Close();
     g_opened.clear();
@@ -379,7 +418,11 @@ int snapshot_cache(nbdkit_next*, void* handle, uint32_t count, uint64_t offset,
   "snapshot-store=P|PO|N     Persistent, persistent with overflow, or\n"      \
   "                          transient (default P).\n"                        \
   "snapshot-cow-size=SIZE    Cap on each COW file's size (default none).\n"  \
-  "snapshot-export=origin|NAME  What the default export \"\" serves."
+  "snapshot-export=origin|NAME  What the default export \"\" serves.\n"      \
+  "snapshot-merge=NAME       Merge that snapshot into the origin in the\n"   \
+  "                          background; resumes after a restart.\n"        \
+  "snapshot-merge-exit=true  Exit when the merge is done (status 1 if it\n"   \
+  "                          fails)."
 
 static struct nbdkit_filter filter = [] {
   struct nbdkit_filter f = {};

@@ -78,7 +78,11 @@ class PersistentStore final : public ExceptionStore {
   absl::Status ZeroChunk(uint64_t cow_chunk, uint64_t offset,
                          uint64_t length) override {
     if (read_only_) return ReadOnlyError();
-    return file_->ZeroRange(cow_chunk * geo_.chunk_bytes() + offset, length);
+    // Punching a hole does not extend the file: a new chunk past its end
+    // must still read back (as zeros) before the next group commit grows it.
+    const uint64_t start = cow_chunk * geo_.chunk_bytes() + offset;
+    if (absl::Status st = file_->GrowTo(start + length); !st.ok()) return st;
+    return file_->ZeroRange(start, length);
   }
   absl::Status Flush() override;
   void Invalidate(std::string_view reason) override {

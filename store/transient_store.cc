@@ -86,6 +86,9 @@ class TransientStore final : public ExceptionStore {
     return file_->PWrite(b, c * chunk_bytes() + off);
   }
   absl::Status ZeroChunk(uint64_t c, uint64_t off, uint64_t len) override {
+    // Punching a hole does not extend the file; reads must still work.
+    if (absl::Status st = file_->GrowTo(c * chunk_bytes() + off + len); !st.ok())
+      return st;
     return file_->ZeroRange(c * chunk_bytes() + off, len);
   }
   absl::Status Flush() override { return absl::OkStatus(); }

@@ -1,0 +1,78 @@
+#include "filter/merge_runner.h"
+
+#include "absl/strings/str_format.h"
+#include "filter/log.h"
+
+namespace snap {
+
+void MergeRunner::Start(SnapshotEngine& engine, std::shared_ptr<Snapshot> snap,
+                        DoneFn done) {
+  engine_ = &engine;
+  snap_ = std::move(snap);
+  done_ = std::move(done);
+  initial_ = snap_->store->exception_count();
+  {
+    absl::MutexLock l(&mu_);
+    state_ = absl::StrFormat("merging %s, 0%%", snap_->name);
+  }
+  LogMessage(absl::StrFormat("merge of %s started: %d exceptions", snap_->name,
+                             initial_));
+  thread_ = std::thread([this] { Run(); });
+}
+
+void MergeRunner::Stop() {
+  stop_.store(true);
+  if (thread_.joinable()) thread_.join();
+}
+
+std::string MergeRunner::Describe() const {
+  absl::MutexLock l(&mu_);
+  return state_;
+}
+
+void MergeRunner::Run() {
+  int last_tenth = 0;
+  while (!stop_.load()) {
+    absl::StatusOr<bool> done = engine_->MergeStep();
+    if (!done.ok()) {
+      // Nothing is lost: unmerged chunks still live in the COW and the
+      // origin export still shows them. A restart resumes the merge.
+      snap_->store->set_merge_failed(true);
+      {
+        absl::MutexLock l(&mu_);
+        state_ = absl::StrFormat("merge of %s failed: %s", snap_->name,
+                                 done.status().message());
+      }
+      LogMessage(absl::StrFormat(
+          "merge of %s failed: %s; restart nbdkit to resume it", snap_->name,
+          done.status().message()));
+      if (done_) done_(false);
+      return;
+    }
+    if (*done) {
+      {
+        absl::MutexLock l(&mu_);
+        state_ = absl::StrFormat("merged %s", snap_->name);
+      }
+      LogMessage(absl::StrFormat("merge of %s complete", snap_->name));
+      if (done_) done_(true);
+      return;
+    }
+    const uint64_t left = snap_->store->exception_count();
+    const int pct = initial_ == 0 ? 100
+                                  : static_cast<int>(100 * (initial_ - std::min(left, initial_)) /
+                                                     initial_);
+    {
+      absl::MutexLock l(&mu_);
+      state_ = absl::StrFormat("merging %s, %d%%", snap_->name, pct);
+    }
+    if (pct / 10 > last_tenth) {
+      last_tenth = pct / 10;
+      LogMessage(absl::StrFormat("merge of %s: %d%%, %d exceptions left (%s)",
+                                 snap_->name, pct, left,
+                                 snap_->store->StatusLine()));
+    }
+  }
+}
+
+}  // namespace snap

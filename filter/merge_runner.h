@@ -1,0 +1,42 @@
+// The background merge: a thread that runs SnapshotEngine::MergeStep until
+// the snapshot is empty, and reports progress and the outcome.
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/synchronization/mutex.h"
+#include "filter/snapshot_engine.h"
+
+namespace snap {
+
+class MergeRunner {
+ public:
+  using DoneFn = std::function<void(bool ok)>;
+  ~MergeRunner() { Stop(); }
+
+  // Starts merging snap (already marked merging in the engine).
+  void Start(SnapshotEngine& engine, std::shared_ptr<Snapshot> snap, DoneFn done);
+  // Asks the thread to stop after its current step, and joins it. A
+  // stopped merge resumes on the next start.
+  void Stop();
+  // "merging NAME, 42%", "merged NAME", "merge of NAME failed: ...".
+  std::string Describe() const;
+
+ private:
+  void Run();
+
+  SnapshotEngine* engine_ = nullptr;
+  std::shared_ptr<Snapshot> snap_;
+  DoneFn done_;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  uint64_t initial_ = 0;
+  mutable absl::Mutex mu_;
+  std::string state_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace snap
