@@ -50,6 +50,10 @@ absl::StatusOr<bool> FilterConfig::Set(std::string_view key,
     SnapshotSpec spec;
     // NAME=FILE when the part before '=' is a valid name; else all is FILE.
     size_t eq = v.find('=');
+    if (eq != std::string::npos && v.substr(0, eq) == kOriginExport)
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "snapshot=%s: 'origin' is the origin's export: choose another "
+          "snapshot name", v));
     if (eq != std::string::npos && ValidateSnapshotName(v.substr(0, eq)).ok()) {
       spec.name = v.substr(0, eq);
       spec.path = v.substr(eq + 1);
@@ -63,6 +67,12 @@ absl::StatusOr<bool> FilterConfig::Set(std::string_view key,
     if (absl::Status st = ValidateSnapshotName(spec.name); !st.ok())
       return absl::InvalidArgumentError(absl::StrFormat(
           "snapshot=%s: %s; give one as snapshot=NAME=FILE", v, st.message()));
+    for (const SnapshotSpec& s : snapshots)
+      if (s.path == spec.path)
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "snapshot=%s: %s is already snapshot '%s'; each snapshot needs "
+            "its own COW file",
+            v, spec.path, s.name));
     for (const SnapshotSpec& s : snapshots)
       if (s.name == spec.name)
         return absl::InvalidArgumentError(absl::StrFormat(

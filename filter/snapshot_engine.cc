@@ -108,6 +108,15 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
   std::vector<char> buf;
   for (size_t i = 0; i < need.size(); ++i) {
     const uint64_t c = need[i];
+    const uint64_t start = c << s.shift;
+    const uint64_t end = std::min(start + s.chunk_bytes, size);
+    // Read the old data before taking a chunk of the COW, so a failing
+    // origin costs no space (the chunk lock keeps the data still).
+    const bool read_first = end - start <= kCopyBuffer;
+    if (read_first) {
+      buf.resize(end - start);
+      if (absl::Status st = origin_.Read(buf, start); !st.ok()) return st;
+    }
     absl::StatusOr<uint64_t> cow = store.Allocate(c, WriteSource::kOrigin);
     if (!cow.ok()) {
       // Full: the store invalidated itself (dm); the origin write goes on.
@@ -116,10 +125,9 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
       return absl::OkStatus();
     }
     // Copy the old chunk, cut at the origin's end, in bounded pieces.
-    const uint64_t start = c << s.shift;
-    const uint64_t end = std::min(start + s.chunk_bytes, size);
     absl::Status st;
-    for (uint64_t pos = start; pos < end && st.ok();) {
+    if (read_first) st = store.WriteChunk(*cow, 0, buf);
+    for (uint64_t pos = start; !read_first && pos < end && st.ok();) {
       const uint64_t n = std::min(end - pos, kCopyBuffer);
       buf.resize(n);
       st = origin_.Read(buf, pos);
@@ -292,6 +300,18 @@ absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
     if (std::optional<Exception> ex = store.Lookup(c)) {
       cow = ex->cow_chunk;
     } else {
+      // A partial chunk needs the old contents: read them before taking a
+      // COW chunk, so a failing origin costs no space.
+      const bool read_first = !whole && cend - cstart <= kCopyBuffer;
+      if (read_first) {
+        tmp.resize(cend - cstart);
+        if (absl::Status st = origin_.Read(tmp, cstart); !st.ok()) {
+          absl::Status wst = write_run();
+          for (uint64_t f : fresh)
+            if (wst.ok()) wst = store.Commit(f, fua);
+          return st;
+        }
+      }
       absl::StatusOr<uint64_t> got = store.Allocate(c, WriteSource::kSnapshot);
       if (!got.ok()) {
         absl::Status st = write_run();
@@ -305,7 +325,9 @@ absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
       }
       cow = *got;
       fresh.push_back(cow);
-      if (!whole) {
+      if (read_first) {
+        if (absl::Status st = store.WriteChunk(cow, 0, tmp); !st.ok()) return fail(st);
+      } else if (!whole) {
         // Partial chunk: the old contents first (dm copies the chunk, then
         // lets the write through).
         if (absl::Status st = write_run(); !st.ok()) return fail(st);

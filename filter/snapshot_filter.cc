@@ -140,6 +140,25 @@ int snapshot_config_complete(nbdkit_next_config_complete* next,
                      std::string(store.status().message()).c_str());
         return -1;
       }
+      if (g_config.cow_size != 0) {
+        // Checked per store: the chunk size may come from its header.
+        const uint64_t cb = (*store)->chunk_bytes();
+        const uint64_t used = (*store)->Usage().used_sectors * 512;
+        if (g_config.cow_size < 3 * cb) {
+          nbdkit_error("snapshot=%s: snapshot-cow-size=%" PRIu64 " is under 3 "
+                       "chunks of %" PRIu64 " bytes (header, area, data): make "
+                       "it larger",
+                       spec.path.c_str(), g_config.cow_size, cb);
+          return -1;
+        }
+        if (used > g_config.cow_size) {
+          nbdkit_error("snapshot=%s: the COW file already uses %" PRIu64
+                       " bytes, more than snapshot-cow-size=%" PRIu64
+                       ": raise the cap",
+                       spec.path.c_str(), used, g_config.cow_size);
+          return -1;
+        }
+      }
       for (const std::string& note : (*store)->notes())
         nbdkit_debug("snapshot: %s", note.c_str());
       auto snap = std::make_shared<Snapshot>(spec.name, spec.path, std::move(*store));

@@ -75,8 +75,19 @@ class PosixFile final : public BlockFile {
   absl::Status GrowTo(uint64_t size) override {
     absl::StatusOr<uint64_t> cur = Size();
     if (!cur.ok()) return cur.status();
-    if (*cur >= size) return absl::OkStatus();
-    if (::ftruncate(fd_, static_cast<off_t>(size)) != 0)
+    if (*cur >= size || size == 0) return absl::OkStatus();
+    // fallocate of the last byte extends the file and can never shrink it,
+    // unlike ftruncate, which would cut off data another thread has just
+    // written past the size we read.
+    if (::fallocate(fd_, 0, static_cast<off_t>(size - 1), 1) == 0)
+      return absl::OkStatus();
+    if (errno != EOPNOTSUPP) return Err(errno, "grow", size);
+    // A filesystem without fallocate: ftruncate, re-checking the size just
+    // before. It can still race a write past the old end on such a
+    // filesystem; every filesystem nbdkit users run on has fallocate.
+    cur = Size();
+    if (!cur.ok()) return cur.status();
+    if (*cur < size && ::ftruncate(fd_, static_cast<off_t>(size)) != 0)
       return Err(errno, "grow", size);
     return absl::OkStatus();
   }
