@@ -70,8 +70,8 @@ absl::StatusOr<bool> FilterConfig::Set(std::string_view key,
     for (const SnapshotSpec& s : snapshots)
       if (s.path == spec.path)
         return absl::InvalidArgumentError(absl::StrFormat(
-            "snapshot=%s: %s is already snapshot '%s'; each snapshot needs "
-            "its own COW file",
+            "snapshot=%s: %s is given twice (it is already snapshot '%s'); "
+            "each snapshot needs its own COW file",
             v, spec.path, s.name));
     for (const SnapshotSpec& s : snapshots)
       if (s.name == spec.name)
