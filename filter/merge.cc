@@ -23,6 +23,15 @@ void SnapshotEngine::StartMerge(std::shared_ptr<Snapshot> snap) {
   merging_ = std::move(snap);
 }
 
+void SnapshotEngine::FinishMerge() {
+  absl::MutexLock gate(&origin_gate_);
+  absl::MutexLock l(&list_mu_);
+  if (!merging_) return;
+  merging_->dropped.store(true);
+  std::erase(snaps_, merging_);
+  merging_.reset();
+}
+
 std::shared_ptr<Snapshot> SnapshotEngine::merging() const {
   absl::MutexLock l(&list_mu_);
   return merging_;

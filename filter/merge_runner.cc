@@ -1,5 +1,6 @@
 #include "filter/merge_runner.h"
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_format.h"
 #include "filter/log.h"
 
@@ -7,6 +8,9 @@ namespace snap {
 
 void MergeRunner::Start(SnapshotEngine& engine, std::shared_ptr<Snapshot> snap,
                         DoneFn done) {
+  if (thread_.joinable()) thread_.join();  // an earlier, finished merge
+  stop_.store(false);
+  running_.store(true);
   engine_ = &engine;
   snap_ = std::move(snap);
   done_ = std::move(done);
@@ -32,6 +36,7 @@ std::string MergeRunner::Describe() const {
 
 void MergeRunner::Run() {
   int last_tenth = 0;
+  absl::Cleanup stopped = [this] { running_.store(false); };
   while (!stop_.load()) {
     absl::StatusOr<bool> done = engine_->MergeStep();
     if (!done.ok()) {
@@ -46,6 +51,7 @@ void MergeRunner::Run() {
       LogMessage(absl::StrFormat(
           "merge of %s failed: %s; restart nbdkit to resume it", snap_->name,
           done.status().message()));
+      running_.store(false);
       if (done_) done_(false);
       return;
     }
@@ -55,6 +61,8 @@ void MergeRunner::Run() {
         state_ = absl::StrFormat("merged %s", snap_->name);
       }
       LogMessage(absl::StrFormat("merge of %s complete", snap_->name));
+      engine_->FinishMerge();
+      running_.store(false);
       if (done_) done_(true);
       return;
     }

@@ -25,6 +25,8 @@ class MergeRunner {
   void Stop();
   // "merging NAME, 42%", "merged NAME", "merge of NAME failed: ...".
   std::string Describe() const;
+  // A merge thread is running now.
+  bool running() const { return running_.load(); }
 
  private:
   void Run();
@@ -34,6 +36,7 @@ class MergeRunner {
   DoneFn done_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
+  std::atomic<bool> running_{false};
   uint64_t initial_ = 0;
   mutable absl::Mutex mu_;
   std::string state_ ABSL_GUARDED_BY(mu_);

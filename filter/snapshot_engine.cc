@@ -55,12 +55,31 @@ std::shared_ptr<Snapshot> SnapshotEngine::Find(std::string_view name) const {
   return nullptr;
 }
 
+absl::Status SnapshotEngine::Remove(std::string_view name) {
+  absl::MutexLock gate(&origin_gate_);
+  absl::MutexLock l(&list_mu_);
+  for (auto it = snaps_.begin(); it != snaps_.end(); ++it) {
+    if ((*it)->name != name) continue;
+    if ((*it)->merging.load())
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "snapshot %s is merging: it cannot be dropped until the merge is done",
+          std::string(name)));
+    (*it)->dropped.store(true);
+    snaps_.erase(it);
+    return absl::OkStatus();
+  }
+  return absl::NotFoundError(
+      absl::StrFormat("no snapshot named %s", std::string(name)));
+}
+
 std::vector<std::shared_ptr<Snapshot>> SnapshotEngine::List() const {
   absl::MutexLock l(&list_mu_);
   return snaps_;
 }
 
 absl::Status SnapshotEngine::CheckUsable(const Snapshot& s) const {
+  if (s.dropped.load())
+    return ErrnoError(EIO, absl::StrFormat("snapshot %s was dropped", s.name));
   if (!s.store->valid())
     return ErrnoError(EIO, absl::StrFormat("snapshot %s is invalid: %s", s.name,
                                            s.store->invalid_reason()));

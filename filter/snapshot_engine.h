@@ -30,6 +30,7 @@ struct Snapshot {
   const int shift;  // log2(chunk_bytes)
   ChunkLocks locks;
   std::atomic<bool> merging{false};
+  std::atomic<bool> dropped{false};  // removed live; open connections fail
 
   // One line for nbdinfo --list and logs: the dm status and the store type.
   std::string Description() const;
@@ -43,6 +44,9 @@ class SnapshotEngine {
   // race").
   void Add(std::shared_ptr<Snapshot> snap);
   std::shared_ptr<Snapshot> Find(std::string_view name) const;
+  // Removes a snapshot (not while it merges): origin writes stop copying
+  // out to it, and I/O still open on it fails.
+  absl::Status Remove(std::string_view name);
   std::vector<std::shared_ptr<Snapshot>> List() const;
 
   OriginIo& origin() { return origin_; }
@@ -81,6 +85,9 @@ class SnapshotEngine {
   std::shared_ptr<Snapshot> merging() const;
   // One step; true when nothing is left to merge.
   absl::StatusOr<bool> MergeStep();
+  // After the last step: the empty snapshot goes away (as LVM removes a
+  // merged snapshot) and the origin is served directly again.
+  void FinishMerge();
 
  private:
   // The origin export's I/O while a merge runs (merge.cc).

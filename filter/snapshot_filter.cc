@@ -14,6 +14,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "filter/config.h"
+#include "filter/control_server.h"
 #include "filter/errno_status.h"
 #include "filter/log.h"
 #include "filter/merge_runner.h"
@@ -30,6 +31,7 @@ int g_thread_model = NBDKIT_THREAD_MODEL_PARALLEL;
 NbdkitOrigin g_origin;
 std::unique_ptr<SnapshotEngine> g_engine;
 MergeRunner g_merge;
+ControlServer g_control;
 
 struct Handle {
   std::shared_ptr<Snapshot> snap;  // null: the origin export
@@ -70,9 +72,10 @@ std::string ExportNames() {
 std::string OriginDescription() {
   std::string d = absl::StrFormat("origin with %d snapshot(s)",
                                   g_engine ? g_engine->List().size() : g_opened.size());
-  if (g_engine && g_engine->merging()) {
-    std::shared_ptr<Snapshot> m = g_engine->merging();
-    absl::StrAppend(&d, "; ", g_merge.Describe(), " (", m->store->StatusLine(), ")");
+  if (std::string merge = g_merge.Describe(); !merge.empty()) {
+    absl::StrAppend(&d, "; ", merge);
+    if (std::shared_ptr<Snapshot> m = g_engine ? g_engine->merging() : nullptr)
+      absl::StrAppend(&d, " (", m->store->StatusLine(), ")");
   }
   return d;
 }
@@ -173,6 +176,11 @@ int snapshot_config_complete(nbdkit_next_config_complete* next,
       }
       g_opened.push_back(std::move(snap));
     }
+    if (!g_config.control_socket.empty())
+      if (absl::Status st = g_control.Bind(g_config.control_socket); !st.ok()) {
+        nbdkit_error("snapshot: %s", std::string(st.message()).c_str());
+        return -1;
+      }
   } catch (const std::exception& e) {
     nbdkit_error("snapshot: %s", e.what());
     return -1;
@@ -198,6 +206,14 @@ int snapshot_after_fork(nbdkit_backend* backend) {
       g_engine->StartMerge(m);
       g_merge.Start(*g_engine, m, &MergeDone);
     }
+    ControlContext control;
+    control.engine = g_engine.get();
+    control.merge = &g_merge;
+    control.defaults.type = g_config.store_type;
+    control.defaults.chunk_sectors = g_config.chunk_sectors;
+    control.defaults.size_cap = g_config.cow_size;
+    control.merge_done = &MergeDone;
+    g_control.Start(control);
     nbdkit_debug("snapshot: origin %" PRIu64 " bytes, %zu snapshot(s)%s",
                  g_origin.size(), g_opened.size(),
                  g_thread_model < NBDKIT_THREAD_MODEL_PARALLEL
@@ -212,6 +228,7 @@ int snapshot_after_fork(nbdkit_backend* backend) {
 
 void snapshot_cleanup(nbdkit_backend*) {
   try {
+    g_control.Stop();
     g_merge.Stop();
     FlushAll();
     g_engine.reset();
@@ -441,7 +458,9 @@ int snapshot_cache(nbdkit_next*, void* handle, uint32_t count, uint64_t offset,
   "snapshot-merge=NAME       Merge that snapshot into the origin in the\n"   \
   "                          background; resumes after a restart.\n"        \
   "snapshot-merge-exit=true  Exit when the merge is done (status 1 if it\n"   \
-  "                          fails)."
+  "                          fails).\n"                                       \
+  "snapshot-control=SOCKET   Unix socket for live commands: status, list,\n" \
+  "                          take, drop, merge."
 
 static struct nbdkit_filter filter = [] {
   struct nbdkit_filter f = {};

@@ -1,0 +1,184 @@
+#include "filter/control_server.h"
+
+#include <errno.h>
+#include <glib-unix.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "absl/strings/str_format.h"
+#include "filter/log.h"
+
+namespace snap {
+namespace {
+
+absl::Status SysError(int err, const std::string& what) {
+  return absl::ErrnoToStatus(err, absl::StrFormat("%s: %s", what, strerror(err)));
+}
+
+}  // namespace
+
+absl::Status ControlServer::Bind(const std::string& path) {
+  struct sockaddr_un addr = {};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof addr.sun_path)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "snapshot-control=%s: a socket path must be 1 to %d bytes", path,
+        sizeof addr.sun_path - 1));
+  std::memcpy(addr.sun_path, path.c_str(), path.size());
+  struct stat st;
+  if (::lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode))
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "snapshot-control=%s exists and is not a socket: refusing to "
+          "replace it; choose another path",
+          path));
+    int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    bool live = probe >= 0 &&
+                ::connect(probe, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+    if (probe >= 0) ::close(probe);
+    if (live)
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "snapshot-control=%s is in use by a running server", path));
+    ::unlink(path.c_str());  // a stale socket from an earlier run
+  }
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return SysError(errno, "snapshot-control: socket");
+  // 0600 from the start: no window where others could connect.
+  mode_t old = ::umask(0177);
+  int r = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  int err = errno;
+  ::umask(old);
+  if (r != 0) {
+    ::close(fd);
+    return SysError(err, absl::StrFormat("snapshot-control=%s: bind", path));
+  }
+  if (::listen(fd, 16) != 0) {
+    err = errno;
+    ::close(fd);
+    ::unlink(path.c_str());
+    return SysError(err, absl::StrFormat("snapshot-control=%s: listen", path));
+  }
+  listen_fd_ = fd;
+  path_ = path;
+  return absl::OkStatus();
+}
+
+void ControlServer::Start(ControlContext ctx) {
+  if (listen_fd_ < 0) return;
+  ctx_ = std::move(ctx);
+  context_ = g_main_context_new();
+  loop_ = g_main_loop_new(context_, FALSE);
+  listen_source_ = g_unix_fd_source_new(listen_fd_, G_IO_IN);
+  g_source_set_callback(listen_source_, G_SOURCE_FUNC(OnAccept),
+                        this, nullptr);
+  g_source_attach(listen_source_, context_);
+  thread_ = std::thread([this] {
+    g_main_context_push_thread_default(context_);
+    g_main_loop_run(loop_);
+    g_main_context_pop_thread_default(context_);
+  });
+}
+
+void ControlServer::Stop() {
+  if (thread_.joinable()) {
+    g_main_loop_quit(loop_);
+    g_main_context_wakeup(context_);
+    thread_.join();
+  }
+  while (!clients_.empty()) Drop(clients_.begin()->first);
+  if (listen_source_ != nullptr) {
+    g_source_destroy(listen_source_);
+    g_source_unref(listen_source_);
+    listen_source_ = nullptr;
+  }
+  if (loop_ != nullptr) g_main_loop_unref(loop_);
+  if (context_ != nullptr) g_main_context_unref(context_);
+  loop_ = nullptr;
+  context_ = nullptr;
+  if (listen_fd_ >= 0) {
+    ::close(listen_fd_);
+    ::unlink(path_.c_str());
+    listen_fd_ = -1;
+  }
+}
+
+gboolean ControlServer::OnAccept(gint fd, GIOCondition, gpointer data) {
+  auto* self = static_cast<ControlServer*>(data);
+  int c = ::accept4(fd, nullptr, nullptr, SOCK_CLOEXEC);
+  if (c < 0) return G_SOURCE_CONTINUE;
+  // A client that stops reading cannot stall the server for long.
+  struct timeval tv = {5, 0};
+  ::setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  auto client = std::make_unique<Client>();
+  client->fd = c;
+  client->source = g_unix_fd_source_new(c, static_cast<GIOCondition>(G_IO_IN | G_IO_HUP | G_IO_ERR));
+  g_source_set_callback(client->source, G_SOURCE_FUNC(OnClient),
+                        self, nullptr);
+  g_source_attach(client->source, self->context_);
+  self->clients_[c] = std::move(client);
+  return G_SOURCE_CONTINUE;
+}
+
+void ControlServer::Reply(Client& c, const std::string& text) {
+  size_t done = 0;
+  while (done < text.size()) {
+    ssize_t n = ::send(c.fd, text.data() + done, text.size() - done, MSG_NOSIGNAL);
+    if (n <= 0) {
+      if (n < 0 && errno == EINTR) continue;
+      return;  // the client went away or stalled; it is dropped on read
+    }
+    done += static_cast<size_t>(n);
+  }
+}
+
+gboolean ControlServer::OnClient(gint fd, GIOCondition, gpointer data) {
+  auto* self = static_cast<ControlServer*>(data);
+  auto it = self->clients_.find(fd);
+  if (it == self->clients_.end()) return G_SOURCE_REMOVE;
+  Client& c = *it->second;
+  char buf[4096];
+  ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+  if (n <= 0) {
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) return G_SOURCE_CONTINUE;
+    self->Drop(fd);  // end of file, or a broken client
+    return G_SOURCE_REMOVE;
+  }
+  c.in.append(buf, static_cast<size_t>(n));
+  for (;;) {
+    size_t nl = c.in.find('\n');
+    if (nl == std::string::npos) {
+      if (c.in.size() > kMaxControlLine) {
+        if (!c.skipping) self->Reply(c, "ERR line too long\n");
+        c.skipping = true;
+        c.in.clear();
+      }
+      break;
+    }
+    std::string line = c.in.substr(0, nl);
+    c.in.erase(0, nl + 1);
+    if (c.skipping) {  // the tail of an overlong line
+      c.skipping = false;
+      continue;
+    }
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    self->Reply(c, RunControlCommand(self->ctx_, line));
+  }
+  return G_SOURCE_CONTINUE;
+}
+
+void ControlServer::Drop(int fd) {
+  auto it = clients_.find(fd);
+  if (it == clients_.end()) return;
+  if (it->second->source != nullptr) {
+    g_source_destroy(it->second->source);
+    g_source_unref(it->second->source);
+  }
+  ::close(fd);
+  clients_.erase(it);
+}
+
+}  // namespace snap
