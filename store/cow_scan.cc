@@ -16,7 +16,8 @@ absl::StatusOr<bool> LooksUnused(BlockFile& file) {
 }
 
 absl::StatusOr<CowScan> ScanCow(
-    BlockFile& file, const std::function<void(const ScannedRecord&)>& on_record) {
+    BlockFile& file, const std::function<void(const ScannedRecord&)>& on_record,
+    const std::function<bool(uint64_t)>& seen_before) {
   CowScan scan;
   absl::StatusOr<uint64_t> size = file.Size();
   if (!size.ok()) return size.status();
@@ -119,7 +120,7 @@ absl::StatusOr<CowScan> ScanCow(
       if (r.new_chunk <= prev_new) scan.allocation_ordered = false;
       prev_new = r.new_chunk;
       scan.max_slot_plus_one = std::max(scan.max_slot_plus_one, slot + 1);
-      if (!seen.insert(r.old_chunk).second) {
+      if (seen_before ? seen_before(r.old_chunk) : !seen.insert(r.old_chunk).second) {
         sr.duplicate = true;
         ++scan.duplicates;
       }

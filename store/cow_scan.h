@@ -41,10 +41,13 @@ struct CowScan {
 
 // Reads the header and every area up to the first one that is not full,
 // calling on_record for each record. Fails only when the file cannot be
-// read at all; everything else lands in problems/warnings.
+// read at all; everything else lands in problems/warnings. seen_before
+// tells whether an origin chunk had a record already (a caller that keeps
+// its own table saves the scan a second one); without it a set is kept.
 absl::StatusOr<CowScan> ScanCow(
     BlockFile& file,
-    const std::function<void(const ScannedRecord&)>& on_record = {});
+    const std::function<void(const ScannedRecord&)>& on_record = {},
+    const std::function<bool(uint64_t old_chunk)>& seen_before = {});
 
 // True if the first min(size, 4 KiB) bytes of the file are zero, which is
 // what LVM guarantees for a new COW volume.

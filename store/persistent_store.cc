@@ -157,7 +157,9 @@ class PersistentStore final : public ExceptionStore {
   uint64_t cur_area_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t cur_count_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<char> area_buf_ ABSL_GUARDED_BY(mu_);
-  // Areas filled since the last group commit, not yet on disk.
+  // Areas filled since the last group commit, not yet on disk; at most
+  // kMaxFullAreas before a commit writes them.
+  static constexpr size_t kMaxFullAreas = 8;
   std::vector<std::pair<uint64_t, std::vector<char>>> full_areas_
       ABSL_GUARDED_BY(mu_);
   uint64_t size_at_open_ ABSL_GUARDED_BY(mu_) = 0;
@@ -180,11 +182,16 @@ absl::Status PersistentStore::WriteHeader(uint32_t valid) {
 absl::Status PersistentStore::Load(const StoreOptions& opts) {
   absl::MutexLock l(&mu_);
   absl::StatusOr<CowScan> scan =
-      ScanCow(*file_, [&](const ScannedRecord& r) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-        if (r.duplicate || table_.Lookup(r.record.old_chunk)) return;
-        table_.Insert(r.record.old_chunk,
-                      static_cast<uint32_t>(*geo_.ChunkToSlot(r.record.new_chunk)));
-      });
+      ScanCow(
+          *file_,
+          [&](const ScannedRecord& r) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            if (r.duplicate) return;  // the earliest record wins, as in dm
+            table_.Insert(r.record.old_chunk,
+                          static_cast<uint32_t>(*geo_.ChunkToSlot(r.record.new_chunk)));
+          },
+          [&](uint64_t old_chunk) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            return table_.Lookup(old_chunk).has_value();
+          });
   if (!scan.ok()) return scan.status();
   if (!scan->problems.empty())
     return absl::DataLossError(absl::StrCat(
@@ -367,6 +374,12 @@ absl::Status PersistentStore::Commit(uint64_t cow_chunk, bool wait_durable) {
   for (;;) {
     // Slots committed while the area was full wait here for a new area.
     DrainLocked();
+    if (full_areas_.size() >= kMaxFullAreas && !writer_active_) {
+      // Lazy commits have filled several areas: write them out, so memory
+      // stays bounded and a crash loses little.
+      WriteAreaLocked();
+      continue;
+    }
     if (!valid_)
       return absl::DataLossError(absl::StrFormat(
           "%s: snapshot is invalid: %s", file_->name(), invalid_reason_));
