@@ -450,7 +450,7 @@ int snapshot_cache(nbdkit_next*, void* handle, uint32_t count, uint64_t offset,
   "snapshot=[NAME=]COWFILE   (repeatable) A snapshot kept in COWFILE; NAME\n"  \
   "                          defaults to the file's basename.\n"              \
   "snapshot-chunk-size=SIZE  Chunk size of new stores (512 .. 1G, power\n"     \
-  "                          of 2; default 4k). An existing header wins.\n"  \
+  "                          of 2; default 64k). An existing header wins.\n" \
   "snapshot-store=P|PO|N     Persistent, persistent with overflow, or\n"      \
   "                          transient (default P).\n"                        \
   "snapshot-cow-size=SIZE    Cap on each COW file's size (default none).\n"  \

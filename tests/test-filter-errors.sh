@@ -124,11 +124,11 @@ done
 truncate -s 1M zero.cow
 accepted snapshot=zero=$tmp/zero.cow
 python3 -c 'import struct, sys
-assert struct.unpack("<4I", open("zero.cow", "rb").read(16)) == (0x70416e53, 1, 1, 8)'
+assert struct.unpack("<4I", open("zero.cow", "rb").read(16)) == (0x70416e53, 1, 1, 128)'  # the default chunk, 64 KiB
 : > empty.cow
 accepted snapshot=empty=$tmp/empty.cow
 python3 -c 'import struct, sys
-assert struct.unpack("<4I", open("empty.cow", "rb").read(16)) == (0x70416e53, 1, 1, 8)'
+assert struct.unpack("<4I", open("empty.cow", "rb").read(16)) == (0x70416e53, 1, 1, 128)'  # the default chunk, 64 KiB
 
 # ------------------------------------------------------------ exports
 # An unknown export: the client is refused, nbdkit's log lists the exports.

@@ -41,7 +41,9 @@ serve ()
 {
     n=$((n+1))
     rm -f "$sock"
-    start_nbdkit -P "$tmp/pid.$n" -U "$sock" --filter="$FILTER" "$@"
+    # The models here are written for 4 KiB chunks.
+    start_nbdkit -P "$tmp/pid.$n" -U "$sock" --filter="$FILTER" "$@" \
+                 snapshot-chunk-size=4k
 }
 # SIGTERM, and wait until nbdkit has exited.  The daemon's parent is PID 1,
 # which may be slow to reap it: a zombie has exited (and closed its files).
