@@ -1,0 +1,265 @@
+#include "tools/online.h"
+
+#include <glib.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+
+namespace snap {
+namespace {
+
+constexpr int kOk = 0, kRefused = 1, kUsage = 2, kUnreachable = 3;
+
+struct Reply {
+  std::vector<std::string> lines;  // data lines
+  bool ok = false;
+  std::string error;  // after "ERR "
+};
+
+class Connection {
+ public:
+  ~Connection() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  bool Open(const char* path) {
+    struct sockaddr_un addr = {};
+    addr.sun_family = AF_UNIX;
+    if (std::strlen(path) >= sizeof addr.sun_path) {
+      error_ = "socket path too long";
+      return false;
+    }
+    std::strcpy(addr.sun_path, path);
+    fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd_ < 0 || ::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      error_ = std::strerror(errno);
+      return false;
+    }
+    return true;
+  }
+  const std::string& error() const { return error_; }
+
+  // Sends one command and reads its reply; false if the connection broke.
+  bool Call(const std::string& command, Reply* reply) {
+    std::string line = command + "\n";
+    for (size_t done = 0; done < line.size();) {
+      ssize_t n = ::send(fd_, line.data() + done, line.size() - done, MSG_NOSIGNAL);
+      if (n <= 0) {
+        error_ = std::strerror(errno);
+        return false;
+      }
+      done += static_cast<size_t>(n);
+    }
+    *reply = Reply{};
+    for (;;) {
+      size_t nl = buf_.find('\n');
+      if (nl == std::string::npos) {
+        char tmp[4096];
+        ssize_t n = ::recv(fd_, tmp, sizeof tmp, 0);
+        if (n <= 0) {
+          error_ = n == 0 ? "the server closed the connection" : std::strerror(errno);
+          return false;
+        }
+        buf_.append(tmp, static_cast<size_t>(n));
+        continue;
+      }
+      std::string l = buf_.substr(0, nl);
+      buf_.erase(0, nl + 1);
+      if (l == "OK") {
+        reply->ok = true;
+        return true;
+      }
+      if (l.rfind("ERR", 0) == 0) {
+        reply->error = l.size() > 4 ? l.substr(4) : "error";
+        return true;
+      }
+      reply->lines.push_back(l);
+    }
+  }
+
+ private:
+  int fd_ = -1;
+  std::string buf_;
+  std::string error_;
+};
+
+std::string JsonString(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c < 0x20) {
+      out += absl::StrFormat("\\u%04x", c);
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out + "\"";
+}
+
+// "origin: ...; merging NAME, 42%" -> 42; -1 if no merge is running.
+int MergePercent(const Reply& r, bool* merged, bool* failed) {
+  *merged = *failed = false;
+  for (const std::string& l : r.lines) {
+    if (l.rfind("origin:", 0) != 0) continue;
+    if (l.find("; merged ") != std::string::npos) *merged = true;
+    if (l.find(" failed") != std::string::npos) *failed = true;
+    size_t m = l.find("; merging ");
+    if (m == std::string::npos) return -1;
+    size_t comma = l.find(", ", m);
+    if (comma == std::string::npos) return -1;
+    return std::atoi(l.c_str() + comma + 2);
+  }
+  return -1;
+}
+
+int Usage(const std::string& why) {
+  std::fprintf(stderr, "nbdsnap: %s\n", why.c_str());
+  std::fprintf(stderr,
+               "usage: nbdsnap -c SOCKET status [--json] | list | "
+               "take NAME FILE [--chunk-size SIZE] [--store P|PO|N] | "
+               "drop NAME | merge NAME [--wait]\n");
+  return kUsage;
+}
+
+}  // namespace
+
+int RunOnline(const char* socket_path, int argc, char** argv) {
+  if (argc < 1) return Usage("-c SOCKET needs a command");
+  const std::string cmd = argv[0];
+  gboolean json = FALSE, wait = FALSE;
+  gchar* chunk = nullptr;
+  gchar* store = nullptr;
+  GOptionEntry entries[] = {
+      {"json", 0, 0, G_OPTION_ARG_NONE, &json, "status as JSON", nullptr},
+      {"wait", 0, 0, G_OPTION_ARG_NONE, &wait, "merge: wait and show progress", nullptr},
+      {"chunk-size", 0, 0, G_OPTION_ARG_STRING, &chunk, "take: chunk size", "SIZE"},
+      {"store", 0, 0, G_OPTION_ARG_STRING, &store, "take: P, PO or N", "TYPE"},
+      {nullptr, 0, 0, G_OPTION_ARG_NONE, nullptr, nullptr, nullptr}};
+  GOptionContext* oc = g_option_context_new("- live command");
+  g_option_context_add_main_entries(oc, entries, nullptr);
+  GError* gerr = nullptr;
+  int ac = argc;
+  char** av = argv;
+  if (!g_option_context_parse(oc, &ac, &av, &gerr)) {
+    std::string why = gerr->message;
+    g_error_free(gerr);
+    g_option_context_free(oc);
+    return Usage(why);
+  }
+  g_option_context_free(oc);
+  std::vector<std::string> args(av + 1, av + ac);
+  std::string line;
+  if (cmd == "status" || cmd == "list") {
+    if (!args.empty()) return Usage(cmd + " takes no arguments");
+    line = cmd;
+  } else if (cmd == "take") {
+    if (args.size() != 2) return Usage("take needs NAME FILE");
+    if (chunk == nullptr && store != nullptr)
+      return Usage("--store needs --chunk-size too");
+    line = absl::StrCat("take ", args[0], " ", args[1]);
+    if (chunk != nullptr) absl::StrAppend(&line, " ", chunk);
+    if (store != nullptr) absl::StrAppend(&line, " ", store);
+  } else if (cmd == "drop" || cmd == "merge") {
+    if (args.size() != 1) return Usage(cmd + " needs NAME");
+    line = absl::StrCat(cmd, " ", args[0]);
+  } else {
+    return Usage("unknown live command '" + cmd + "'");
+  }
+  g_free(chunk);
+  g_free(store);
+
+  Connection conn;
+  if (!conn.Open(socket_path)) {
+    std::fprintf(stderr,
+                 "nbdsnap: cannot reach %s: %s (is nbdkit running with "
+                 "snapshot-control=%s?)\n",
+                 socket_path, conn.error().c_str(), socket_path);
+    return kUnreachable;
+  }
+  Reply r;
+  if (!conn.Call(line, &r)) {
+    std::fprintf(stderr, "nbdsnap: %s: %s\n", socket_path, conn.error().c_str());
+    return kUnreachable;
+  }
+  if (!r.ok) {
+    std::fprintf(stderr, "nbdsnap: %s\n", r.error.c_str());
+    return kRefused;
+  }
+  if (cmd == "status" && json) {
+    std::string out = "{";
+    std::vector<std::string> snaps;
+    for (const std::string& l : r.lines) {
+      size_t colon = l.find(": ");
+      if (colon == std::string::npos) continue;
+      std::string name = l.substr(0, colon), rest = l.substr(colon + 2);
+      if (name == "origin") {
+        absl::StrAppend(&out, "\"origin\": ", JsonString(rest), ", ");
+        continue;
+      }
+      bool merging = false;
+      if (const std::string tag = " (merging)";
+          rest.size() > tag.size() && rest.ends_with(tag)) {
+        merging = true;
+        rest.resize(rest.size() - tag.size());
+      }
+      snaps.push_back(absl::StrFormat("{\"name\": %s, \"status\": %s, \"merging\": %s}",
+                                      JsonString(name), JsonString(rest),
+                                      merging ? "true" : "false"));
+    }
+    absl::StrAppend(&out, "\"snapshots\": [", absl::StrJoin(snaps, ", "), "]}");
+    std::printf("%s\n", out.c_str());
+    return kOk;
+  }
+  for (const std::string& l : r.lines) std::printf("%s\n", l.c_str());
+  if (cmd != "merge" || !wait) return kOk;
+
+  // merge --wait: a bar on a terminal, a line per change otherwise.
+  const bool tty = isatty(STDOUT_FILENO);
+  int last = -2;
+  for (;;) {
+    Reply st;
+    if (!conn.Call("status", &st) || !st.ok) {
+      std::fprintf(stderr, "nbdsnap: lost the server while waiting\n");
+      return kUnreachable;
+    }
+    bool merged, failed;
+    int pct = MergePercent(st, &merged, &failed);
+    if (failed) {
+      if (tty) std::printf("\n");
+      for (const std::string& l : st.lines)
+        if (l.rfind("origin:", 0) == 0) std::fprintf(stderr, "nbdsnap: %s\n", l.c_str());
+      return kRefused;
+    }
+    if (merged || pct < 0) {
+      if (tty) std::printf("\r[%s] 100%%\n", std::string(40, '#').c_str());
+      else std::printf("merge complete\n");
+      return kOk;
+    }
+    if (pct != last) {
+      if (tty) {
+        int fill = pct * 40 / 100;
+        std::printf("\r[%s%s] %3d%%", std::string(fill, '#').c_str(),
+                    std::string(40 - fill, '.').c_str(), pct);
+      } else {
+        std::printf("merging: %d%%\n", pct);
+      }
+      std::fflush(stdout);
+      last = pct;
+    }
+    g_usleep(200 * 1000);
+  }
+}
+
+}  // namespace snap
