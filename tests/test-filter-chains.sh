@@ -443,7 +443,7 @@ with open("origin.model", "r+b") as m:
 '
     nbdinfo --list "$(uri origin)" | grep 'snapshot s' > desc
     cat desc
-    ! grep Invalid desc
+    if grep Invalid desc; then exit 1; fi
     check origin origin.model
     check s take.model
     stop

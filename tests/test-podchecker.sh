@@ -7,6 +7,6 @@ set -x
 requires command -v podchecker
 for pod in "$top_srcdir"/man/*.pod; do
   podchecker "$pod"
-  ! awk '/^[^ \t]/ && length($0) > 76 {print FILENAME": "FNR": too long"; bad=1} END {exit !bad}' "$pod"
-  ! grep -n '[[:space:]]$' "$pod"
+  if awk '/^[^ \t]/ && length($0) > 76 {print FILENAME": "FNR": too long"; bad=1} END {exit !bad}' "$pod"; then exit 1; fi
+  if grep -n '[[:space:]]$' "$pod"; then exit 1; fi
 done
