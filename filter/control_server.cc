@@ -70,6 +70,7 @@ absl::Status ControlServer::Bind(const std::string& path) {
 void ControlServer::Start(ControlContext ctx) {
   if (listen_fd_ < 0) return;
   ctx_ = std::move(ctx);
+  started_ = true;
   context_ = g_main_context_new();
   loop_ = g_main_loop_new(context_, FALSE);
   listen_source_ = g_unix_fd_source_new(listen_fd_, G_IO_IN);
@@ -101,7 +102,9 @@ void ControlServer::Stop() {
   context_ = nullptr;
   if (listen_fd_ >= 0) {
     ::close(listen_fd_);
-    ::unlink(path_.c_str());
+    // Only the server removes the socket: nbdkit's parent process, which
+    // exits after forking into the background, must leave it alone.
+    if (started_) ::unlink(path_.c_str());
     listen_fd_ = -1;
   }
 }

@@ -39,6 +39,7 @@ class ControlServer {
 
   std::string path_;
   int listen_fd_ = -1;
+  bool started_ = false;  // Start ran in this process
   ControlContext ctx_;
   GMainContext* context_ = nullptr;
   GMainLoop* loop_ = nullptr;
