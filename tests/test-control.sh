@@ -33,7 +33,7 @@ for seq in range(1, 3000):
     b = (seq * 7) % 512
     h.pwrite(("%d %d " % (seq, b)).encode().ljust(4096, b"."), b * 4096)
     log.write("%d %d\n" % (seq, b))
-    if seq > 200 and open("stop").read() == "1":
+    if seq > 200 and open("stop").read().strip() == "1":
         break
 PY
 echo 0 > stop
