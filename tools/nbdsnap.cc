@@ -15,6 +15,7 @@
 #include "store/cow_format.h"
 #include "store/cow_scan.h"
 #include "store/exception_store.h"
+#include "tools/json.h"
 #include "tools/online.h"
 
 namespace {
@@ -63,21 +64,6 @@ bool Parse(const char* cmd, GOptionEntry* entries, int* argc, char*** argv,
   }
   g_option_context_free(oc);
   return ok;
-}
-
-std::string Json(const std::string& s) {
-  std::string out = "\"";
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c < 0x20) {
-      out += absl::StrFormat("\\u%04x", c);
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  return out + "\"";
 }
 
 struct Scanned {
@@ -193,18 +179,18 @@ int Info(int argc, char** argv) {
   const std::string status = s.is_new ? "" : StatusOf(s);
   if (json) {
     std::vector<std::string> warnings;
-    for (const std::string& w : s.warnings) warnings.push_back(Json(w));
+    for (const std::string& w : s.warnings) warnings.push_back(snap::JsonString(w));
     std::printf(
         "{\"file\": %s, \"new_store\": %s, \"magic\": %u, \"valid\": %s, "
         "\"version\": %u, \"chunk_size_bytes\": %llu, \"chunk_sectors\": %llu, "
         "\"store_type\": \"P\", \"exceptions\": %llu, \"areas\": %llu, "
         "\"file_size\": %llu, \"status\": %s, \"warnings\": [%s]}\n",
-        Json(path).c_str(), s.is_new ? "true" : "false", s.header.magic,
+        snap::JsonString(path).c_str(), s.is_new ? "true" : "false", s.header.magic,
         !s.is_new && s.header.valid != 0 ? "true" : "false", s.header.version,
         static_cast<unsigned long long>(cs * 512), static_cast<unsigned long long>(cs),
         static_cast<unsigned long long>(exceptions),
         static_cast<unsigned long long>(s.is_new ? 0 : s.current_area + 1),
-        static_cast<unsigned long long>(s.file_size), Json(status).c_str(),
+        static_cast<unsigned long long>(s.file_size), snap::JsonString(status).c_str(),
         absl::StrJoin(warnings, ", ").c_str());
     return kOk;
   }

@@ -1,3 +1,4 @@
+#include "tools/json.h"
 #include "tools/online.h"
 
 #include <glib.h>
@@ -92,21 +93,6 @@ class Connection {
   std::string buf_;
   std::string error_;
 };
-
-std::string JsonString(const std::string& s) {
-  std::string out = "\"";
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c < 0x20) {
-      out += absl::StrFormat("\\u%04x", c);
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  return out + "\"";
-}
 
 // "origin: ...; merging NAME, 42%" -> 42; -1 if no merge is running.
 int MergePercent(const Reply& r, bool* merged, bool* failed) {
