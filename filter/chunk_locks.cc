@@ -3,7 +3,7 @@
 namespace snap {
 
 void ChunkLocks::LockShared(uint64_t first, uint64_t last) {
-  absl::MutexLock l(&mu_);
+  snap::MutexLock l(&mu_);
   auto free_of_writers = [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
     if (held_.empty()) return true;
     for (uint64_t c = first; c <= last; ++c) {
@@ -17,7 +17,7 @@ void ChunkLocks::LockShared(uint64_t first, uint64_t last) {
 }
 
 void ChunkLocks::UnlockShared(uint64_t first, uint64_t last) {
-  absl::MutexLock l(&mu_);
+  snap::MutexLock l(&mu_);
   for (uint64_t c = first; c <= last; ++c) {
     auto it = held_.find(c);
     if (--it->second.shared == 0 && !it->second.exclusive) held_.erase(it);
@@ -25,7 +25,7 @@ void ChunkLocks::UnlockShared(uint64_t first, uint64_t last) {
 }
 
 void ChunkLocks::LockExclusive(uint64_t first, uint64_t last) {
-  absl::MutexLock l(&mu_);
+  snap::MutexLock l(&mu_);
   for (uint64_t c = first; c <= last; ++c) {
     auto is_free = [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
       auto it = held_.find(c);
@@ -37,7 +37,7 @@ void ChunkLocks::LockExclusive(uint64_t first, uint64_t last) {
 }
 
 void ChunkLocks::UnlockExclusive(uint64_t first, uint64_t last) {
-  absl::MutexLock l(&mu_);
+  snap::MutexLock l(&mu_);
   for (uint64_t c = first; c <= last; ++c) held_.erase(c);
 }
 

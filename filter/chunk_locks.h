@@ -9,7 +9,7 @@
 #include <cstdint>
 
 #include "absl/container/flat_hash_map.h"
-#include "absl/synchronization/mutex.h"
+#include "store/sync.h"
 
 namespace snap {
 
@@ -25,7 +25,7 @@ class ChunkLocks {
     uint32_t shared = 0;
     bool exclusive = false;
   };
-  absl::Mutex mu_;
+  snap::Mutex mu_;
   absl::flat_hash_map<uint64_t, State> held_ ABSL_GUARDED_BY(mu_);
 };
 

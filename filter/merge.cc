@@ -17,15 +17,15 @@ constexpr uint64_t kMergeBuffer = 4 << 20;
 void SnapshotEngine::StartMerge(std::shared_ptr<Snapshot> snap) {
   // Like an origin write: nothing may be copying out while the snapshot
   // stops taking copy-outs.
-  absl::MutexLock gate(&origin_gate_);
+  snap::MutexLock gate(&origin_gate_);
   snap->merging.store(true);
-  absl::MutexLock l(&list_mu_);
+  snap::MutexLock l(&list_mu_);
   merging_ = std::move(snap);
 }
 
 void SnapshotEngine::FinishMerge() {
-  absl::MutexLock gate(&origin_gate_);
-  absl::MutexLock l(&list_mu_);
+  snap::MutexLock gate(&origin_gate_);
+  snap::MutexLock l(&list_mu_);
   if (!merging_) return;
   merging_->dropped.store(true);
   std::erase(snaps_, merging_);
@@ -33,7 +33,7 @@ void SnapshotEngine::FinishMerge() {
 }
 
 std::shared_ptr<Snapshot> SnapshotEngine::merging() const {
-  absl::MutexLock l(&list_mu_);
+  snap::MutexLock l(&list_mu_);
   return merging_;
 }
 
@@ -51,7 +51,7 @@ absl::StatusOr<bool> SnapshotEngine::MergeStep() {
   const uint64_t end = std::min((last + 1) << m.shift, size);
   if (start < end) {
     // The other snapshots keep the origin's old contents of the range.
-    absl::ReaderMutexLock gate(&origin_gate_);
+    snap::ReaderMutexLock gate(&origin_gate_);
     if (absl::Status st = CopyOutAll(end - start, start); !st.ok()) return st;
   }
   // Writes to these chunks wait until the step is done.
@@ -82,7 +82,7 @@ absl::Status SnapshotEngine::MergedWrite(Snapshot& m, std::span<const char> data
                                          uint64_t length, uint64_t offset,
                                          bool fua) {
   if (length == 0) return absl::OkStatus();
-  absl::ReaderMutexLock gate(&origin_gate_);
+  snap::ReaderMutexLock gate(&origin_gate_);
   const uint64_t size = origin_.size();
   const uint64_t first = offset >> m.shift;
   const uint64_t last = (offset + length - 1) >> m.shift;

@@ -16,7 +16,7 @@ void MergeRunner::Start(SnapshotEngine& engine, std::shared_ptr<Snapshot> snap,
   done_ = std::move(done);
   initial_ = snap_->store->exception_count();
   {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     state_ = absl::StrFormat("merging %s, 0%%", snap_->name);
   }
   LogMessage(absl::StrFormat("merge of %s started: %d exceptions", snap_->name,
@@ -30,7 +30,7 @@ void MergeRunner::Stop() {
 }
 
 std::string MergeRunner::Describe() const {
-  absl::MutexLock l(&mu_);
+  snap::MutexLock l(&mu_);
   return state_;
 }
 
@@ -44,7 +44,7 @@ void MergeRunner::Run() {
       // origin export still shows them. A restart resumes the merge.
       snap_->store->set_merge_failed(true);
       {
-        absl::MutexLock l(&mu_);
+        snap::MutexLock l(&mu_);
         state_ = absl::StrFormat("merge of %s failed: %s", snap_->name,
                                  done.status().message());
       }
@@ -57,7 +57,7 @@ void MergeRunner::Run() {
     }
     if (*done) {
       {
-        absl::MutexLock l(&mu_);
+        snap::MutexLock l(&mu_);
         state_ = absl::StrFormat("merged %s", snap_->name);
       }
       LogMessage(absl::StrFormat("merge of %s complete", snap_->name));
@@ -71,7 +71,7 @@ void MergeRunner::Run() {
                                   : static_cast<int>(100 * (initial_ - std::min(left, initial_)) /
                                                      initial_);
     {
-      absl::MutexLock l(&mu_);
+      snap::MutexLock l(&mu_);
       state_ = absl::StrFormat("merging %s, %d%%", snap_->name, pct);
     }
     if (pct / 10 > last_tenth) {

@@ -8,7 +8,7 @@
 #include <string>
 #include <thread>
 
-#include "absl/synchronization/mutex.h"
+#include "store/sync.h"
 #include "filter/snapshot_engine.h"
 
 namespace snap {
@@ -38,7 +38,7 @@ class MergeRunner {
   std::atomic<bool> stop_{false};
   std::atomic<bool> running_{false};
   uint64_t initial_ = 0;
-  mutable absl::Mutex mu_;
+  mutable snap::Mutex mu_;
   std::string state_ ABSL_GUARDED_BY(mu_);
 };
 

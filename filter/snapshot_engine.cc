@@ -40,8 +40,8 @@ std::string Snapshot::Description() const {
 }
 
 void SnapshotEngine::Add(std::shared_ptr<Snapshot> snap) {
-  absl::MutexLock gate(&origin_gate_);
-  absl::MutexLock l(&list_mu_);
+  snap::MutexLock gate(&origin_gate_);
+  snap::MutexLock l(&list_mu_);
   snaps_.push_back(std::move(snap));
   std::stable_sort(snaps_.begin(), snaps_.end(), [](const auto& a, const auto& b) {
     return a->chunk_bytes > b->chunk_bytes;
@@ -49,15 +49,15 @@ void SnapshotEngine::Add(std::shared_ptr<Snapshot> snap) {
 }
 
 std::shared_ptr<Snapshot> SnapshotEngine::Find(std::string_view name) const {
-  absl::MutexLock l(&list_mu_);
+  snap::MutexLock l(&list_mu_);
   for (const auto& s : snaps_)
     if (s->name == name) return s;
   return nullptr;
 }
 
 absl::Status SnapshotEngine::Remove(std::string_view name) {
-  absl::MutexLock gate(&origin_gate_);
-  absl::MutexLock l(&list_mu_);
+  snap::MutexLock gate(&origin_gate_);
+  snap::MutexLock l(&list_mu_);
   for (auto it = snaps_.begin(); it != snaps_.end(); ++it) {
     if ((*it)->name != name) continue;
     if ((*it)->merging.load())
@@ -73,7 +73,7 @@ absl::Status SnapshotEngine::Remove(std::string_view name) {
 }
 
 std::vector<std::shared_ptr<Snapshot>> SnapshotEngine::List() const {
-  absl::MutexLock l(&list_mu_);
+  snap::MutexLock l(&list_mu_);
   return snaps_;
 }
 
@@ -189,7 +189,7 @@ absl::Status SnapshotEngine::OriginWrite(std::span<const char> buf,
                                          uint64_t offset, bool fua) {
   if (std::shared_ptr<Snapshot> m = merging())
     return MergedWrite(*m, buf, buf.size(), offset, fua);
-  absl::ReaderMutexLock gate(&origin_gate_);
+  snap::ReaderMutexLock gate(&origin_gate_);
   if (absl::Status st = CopyOutAll(buf.size(), offset); !st.ok()) return st;
   return origin_.Write(buf, offset, fua);
 }
@@ -200,7 +200,7 @@ absl::Status SnapshotEngine::OriginZero(uint64_t length, uint64_t offset,
     if (fast) return ErrnoError(ENOTSUP, "no fast zero while merging");
     return MergedWrite(*m, {}, length, offset, fua);
   }
-  absl::ReaderMutexLock gate(&origin_gate_);
+  snap::ReaderMutexLock gate(&origin_gate_);
   if (fast) {
     // A zero that must first copy chunks out is not fast.
     for (const auto& s : List()) {
@@ -226,7 +226,7 @@ absl::Status SnapshotEngine::OriginTrim(uint64_t length, uint64_t offset,
                                         bool fua) {
   // Advisory; while merging, discards change nothing (dm does the same).
   if (!origin_.can_trim() || merging()) return absl::OkStatus();
-  absl::ReaderMutexLock gate(&origin_gate_);
+  snap::ReaderMutexLock gate(&origin_gate_);
   if (absl::Status st = CopyOutAll(length, offset); !st.ok()) return st;
   return origin_.Trim(length, offset, fua);
 }

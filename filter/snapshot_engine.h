@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "absl/synchronization/mutex.h"
+#include "store/sync.h"
 #include "filter/chunk_locks.h"
 #include "filter/origin_io.h"
 #include "store/exception_store.h"
@@ -104,8 +104,8 @@ class SnapshotEngine {
   OriginIo& origin_;
   // Origin writes hold it shared; taking a snapshot live holds it
   // exclusively, so in-flight origin writes drain first.
-  mutable absl::Mutex origin_gate_;
-  mutable absl::Mutex list_mu_;
+  mutable snap::Mutex origin_gate_;
+  mutable snap::Mutex list_mu_;
   std::vector<std::shared_ptr<Snapshot>> snaps_ ABSL_GUARDED_BY(list_mu_);
   std::shared_ptr<Snapshot> merging_ ABSL_GUARDED_BY(list_mu_);
 };

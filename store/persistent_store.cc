@@ -6,7 +6,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_format.h"
-#include "absl/synchronization/mutex.h"
+#include "store/sync.h"
 #include "store/cow_format.h"
 #include "store/cow_scan.h"
 #include "store/exception_store.h"
@@ -34,28 +34,28 @@ class PersistentStore final : public ExceptionStore {
   const std::string& file_name() const override { return file_->name(); }
 
   bool valid() const override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     return valid_;
   }
   bool overflowed() const override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     return overflowed_;
   }
   std::string invalid_reason() const override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     return invalid_reason_;
   }
   std::vector<std::string> notes() const override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     return notes_;
   }
   uint64_t exception_count() const override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     return table_.size();
   }
 
   std::optional<Exception> Lookup(uint64_t old_chunk) const override {
-    absl::ReaderMutexLock l(&mu_);
+    snap::ReaderMutexLock l(&mu_);
     std::optional<uint32_t> slot = table_.Lookup(old_chunk);
     if (!slot) return std::nullopt;
     return Exception{geo_.SlotToChunk(*slot), *slot < durable_upto_};
@@ -86,23 +86,23 @@ class PersistentStore final : public ExceptionStore {
   }
   absl::Status Flush() override;
   void Invalidate(std::string_view reason) override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     InvalidateLocked(reason);
   }
 
   absl::StatusOr<MergeRun> PrepareMerge() override;
   absl::Status CommitMerge(uint32_t count) override;
   void set_merge_failed(bool failed) override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     merge_failed_ = failed;
   }
 
   StoreUsage Usage() const override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     return UsageLocked();
   }
   std::string StatusLine() const override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     return FormatStatusLine(valid_, merge_failed_, overflowed_, UsageLocked());
   }
 
@@ -146,8 +146,8 @@ class PersistentStore final : public ExceptionStore {
   const uint64_t size_cap_;
   const bool read_only_;
 
-  mutable absl::Mutex mu_;
-  absl::CondVar cv_;
+  mutable snap::Mutex mu_;
+  snap::CondVar cv_;
   ExceptionTable table_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<uint32_t, Pending> pending_ ABSL_GUARDED_BY(mu_);
   uint32_t next_slot_ ABSL_GUARDED_BY(mu_) = 0;
@@ -180,7 +180,7 @@ absl::Status PersistentStore::WriteHeader(uint32_t valid) {
 }
 
 absl::Status PersistentStore::Load(const StoreOptions& opts) {
-  absl::MutexLock l(&mu_);
+  snap::MutexLock l(&mu_);
   absl::StatusOr<CowScan> scan =
       ScanCow(
           *file_,
@@ -252,7 +252,7 @@ void PersistentStore::InvalidateLocked(std::string_view reason) {
 
 absl::StatusOr<uint64_t> PersistentStore::Allocate(uint64_t old_chunk,
                                                    WriteSource source) {
-  absl::MutexLock l(&mu_);
+  snap::MutexLock l(&mu_);
   if (read_only_) return ReadOnlyError();
   if (!valid_)
     return absl::FailedPreconditionError(absl::StrFormat(
@@ -361,7 +361,7 @@ void PersistentStore::WriteAreaLocked() {
 }
 
 absl::Status PersistentStore::Commit(uint64_t cow_chunk, bool wait_durable) {
-  absl::MutexLock l(&mu_);
+  snap::MutexLock l(&mu_);
   const uint32_t slot = static_cast<uint32_t>(*geo_.ChunkToSlot(cow_chunk));
   auto it = pending_.find(slot);
   if (it == pending_.end() || it->second.state != SlotState::kCopying)
@@ -400,7 +400,7 @@ absl::Status PersistentStore::Commit(uint64_t cow_chunk, bool wait_durable) {
 }
 
 void PersistentStore::Abandon(uint64_t cow_chunk) {
-  absl::MutexLock l(&mu_);
+  snap::MutexLock l(&mu_);
   auto it = pending_.find(static_cast<uint32_t>(*geo_.ChunkToSlot(cow_chunk)));
   if (it == pending_.end() || it->second.state != SlotState::kCopying) return;
   it->second.state = SlotState::kAbandoned;
@@ -409,7 +409,7 @@ void PersistentStore::Abandon(uint64_t cow_chunk) {
 }
 
 absl::Status PersistentStore::Flush() {
-  absl::MutexLock l(&mu_);
+  snap::MutexLock l(&mu_);
   if (read_only_) return absl::OkStatus();
   const uint32_t target = committed_upto_;
   bool wrote = false;  // this thread ran a group commit, which syncs data first
@@ -442,7 +442,7 @@ absl::Status PersistentStore::Flush() {
 }
 
 absl::StatusOr<MergeRun> PersistentStore::PrepareMerge() {
-  absl::MutexLock l(&mu_);
+  snap::MutexLock l(&mu_);
   if (!valid_)
     return absl::FailedPreconditionError(absl::StrFormat(
         "%s: snapshot is invalid, it cannot be merged: %s", file_->name(),
@@ -472,7 +472,7 @@ absl::StatusOr<MergeRun> PersistentStore::PrepareMerge() {
 }
 
 absl::Status PersistentStore::CommitMerge(uint32_t count) {
-  absl::MutexLock l(&mu_);
+  snap::MutexLock l(&mu_);
   if (count == 0 || count > cur_count_)
     return absl::InternalError("commit_merge of more records than the area has");
   const uint64_t cb = geo_.chunk_bytes();

@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
-#include "absl/synchronization/mutex.h"
+#include "store/sync.h"
 #include "store/cow_format.h"
 #include "store/exception_store.h"
 #include "store/exception_table.h"
@@ -25,28 +25,28 @@ class TransientStore final : public ExceptionStore {
   uint32_t chunk_sectors() const override { return chunk_sectors_; }
   const std::string& file_name() const override { return file_->name(); }
   bool valid() const override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     return valid_;
   }
   bool overflowed() const override { return false; }
   std::string invalid_reason() const override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     return invalid_reason_;
   }
   std::vector<std::string> notes() const override { return {}; }
   uint64_t exception_count() const override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     return table_.size();
   }
   std::optional<Exception> Lookup(uint64_t old_chunk) const override {
-    absl::ReaderMutexLock l(&mu_);
+    snap::ReaderMutexLock l(&mu_);
     std::optional<uint32_t> slot = table_.Lookup(old_chunk);
     if (!slot) return std::nullopt;
     return Exception{*slot, true};
   }
 
   absl::StatusOr<uint64_t> Allocate(uint64_t old_chunk, WriteSource) override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     if (!valid_)
       return absl::FailedPreconditionError(absl::StrFormat(
           "%s: snapshot is invalid: %s", file_->name(), invalid_reason_));
@@ -65,7 +65,7 @@ class TransientStore final : public ExceptionStore {
   }
 
   absl::Status Commit(uint64_t cow_chunk, bool) override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     auto it = pending_.find(cow_chunk);
     if (it == pending_.end())
       return absl::InternalError("commit of a chunk that is not allocated");
@@ -74,7 +74,7 @@ class TransientStore final : public ExceptionStore {
     return absl::OkStatus();
   }
   void Abandon(uint64_t cow_chunk) override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     pending_.erase(cow_chunk);
   }
 
@@ -93,7 +93,7 @@ class TransientStore final : public ExceptionStore {
   }
   absl::Status Flush() override { return absl::OkStatus(); }
   void Invalidate(std::string_view reason) override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     InvalidateLocked(reason);
   }
 
@@ -103,16 +103,16 @@ class TransientStore final : public ExceptionStore {
   }
   absl::Status CommitMerge(uint32_t) override { return PrepareMerge().status(); }
   void set_merge_failed(bool failed) override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     merge_failed_ = failed;
   }
 
   StoreUsage Usage() const override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     return UsageLocked();
   }
   std::string StatusLine() const override {
-    absl::MutexLock l(&mu_);
+    snap::MutexLock l(&mu_);
     return FormatStatusLine(valid_, merge_failed_, false, UsageLocked());
   }
 
@@ -131,7 +131,7 @@ class TransientStore final : public ExceptionStore {
   std::unique_ptr<BlockFile> file_;
   const uint32_t chunk_sectors_;
   const uint64_t size_cap_;
-  mutable absl::Mutex mu_;
+  mutable snap::Mutex mu_;
   ExceptionTable table_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<uint64_t, uint64_t> pending_ ABSL_GUARDED_BY(mu_);
   uint64_t next_chunk_ ABSL_GUARDED_BY(mu_) = 0;

@@ -1,8 +1,8 @@
 // The engine under concurrency, without nbdkit: threads write the origin
 // and snapshots (4 KiB and 64 KiB chunks) at once, and read the snapshots
 // while they do. Afterwards each snapshot equals the origin at the start
-// plus its own writes, and the origin equals its writes. Built with
-// ASan/UBSan.
+// plus its own writes, and the origin equals its writes. Built twice: with
+// ASan/UBSan, and with TSan (engine_stress_tsan_test).
 #include <stdlib.h>
 #include <unistd.h>
 
