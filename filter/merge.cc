@@ -3,6 +3,9 @@
 #include <errno.h>
 
 #include <algorithm>
+#include <memory>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/str_format.h"
 #include "filter/errno_status.h"
@@ -12,6 +15,8 @@
 namespace snap {
 namespace {
 constexpr uint64_t kMergeBuffer = 4 << 20;
+constexpr uint64_t kMergeThreads = 4;
+constexpr uint64_t kMergeBatch = 64 << 20;
 }
 
 void SnapshotEngine::StartMerge(std::shared_ptr<Snapshot> snap) {
@@ -41,34 +46,70 @@ absl::StatusOr<bool> SnapshotEngine::MergeStep() {
   std::shared_ptr<Snapshot> mp = merging();
   if (!mp) return true;
   Snapshot& m = *mp;
-  absl::StatusOr<MergeRun> run = m.store->PrepareMerge();
-  if (!run.ok()) return run.status();
-  if (run->count == 0) return true;
+  // Several runs per step, up to kMergeBatch bytes: one origin flush and
+  // one area write serve them all (dm takes one run per step and pays two
+  // flushes for each).
+  const uint32_t max_records =
+      static_cast<uint32_t>(std::max<uint64_t>(1, kMergeBatch / m.chunk_bytes));
+  absl::StatusOr<std::vector<MergeRun>> runs = m.store->PrepareMergeRuns(max_records);
+  if (!runs.ok()) return runs.status();
+  if (runs->empty()) return true;
   const uint64_t size = origin_.size();
-  const uint64_t first = run->old_chunk;
-  const uint64_t last = run->old_chunk + run->count - 1;
-  const uint64_t start = std::min(first << m.shift, size);
-  const uint64_t end = std::min((last + 1) << m.shift, size);
-  if (start < end) {
-    // The other snapshots keep the origin's old contents of the range.
-    snap::ReaderMutexLock gate(&origin_gate_);
-    if (absl::Status st = CopyOutAll(end - start, start); !st.ok()) return st;
+  uint32_t records = 0;
+  for (const MergeRun& r : *runs) records += r.count;
+  // The other snapshots keep the origin's old contents of every range.
+  {
+    ReaderMutexLock gate(&origin_gate_);
+    for (const MergeRun& r : *runs) {
+      const uint64_t start = std::min(r.old_chunk << m.shift, size);
+      const uint64_t end = std::min((r.old_chunk + r.count) << m.shift, size);
+      if (start < end)
+        if (absl::Status st = CopyOutAll(end - start, start); !st.ok()) return st;
+    }
   }
-  // Writes to these chunks wait until the step is done.
-  ChunkLockGuard guard(m.locks, ChunkLockGuard::kExclusive, first, last);
-  std::vector<char> buf;
-  for (uint64_t pos = start; pos < end;) {
-    const uint64_t n = std::min(end - pos, kMergeBuffer);
-    buf.resize(n);
-    if (absl::Status st = m.store->ReadChunk(run->cow_chunk, pos - start, buf);
-        !st.ok())
-      return st;
-    if (absl::Status st = origin_.Write(buf, pos, false); !st.ok()) return st;
-    pos += n;
+  // Writes to these chunks wait until the step is done. Ranges are locked
+  // in ascending order, like every other locker does.
+  std::vector<MergeRun> sorted = *runs;
+  std::sort(sorted.begin(), sorted.end(),
+            [](const MergeRun& a, const MergeRun& b) { return a.old_chunk < b.old_chunk; });
+  std::vector<std::unique_ptr<ChunkLockGuard>> guards;
+  for (const MergeRun& r : sorted)
+    guards.push_back(std::make_unique<ChunkLockGuard>(
+        m.locks, ChunkLockGuard::kExclusive, r.old_chunk, r.old_chunk + r.count - 1));
+  // Copy every run, a few at a time, in bounded pieces.
+  auto copy = [&](const MergeRun& r) -> absl::Status {
+    const uint64_t start = std::min(r.old_chunk << m.shift, size);
+    const uint64_t end = std::min((r.old_chunk + r.count) << m.shift, size);
+    std::vector<char> buf;
+    for (uint64_t pos = start; pos < end;) {
+      const uint64_t n = std::min(end - pos, kMergeBuffer);
+      buf.resize(n);
+      if (absl::Status st = m.store->ReadChunk(r.cow_chunk, pos - start, buf); !st.ok())
+        return st;
+      if (absl::Status st = origin_.Write(buf, pos, false); !st.ok()) return st;
+      pos += n;
+    }
+    return absl::OkStatus();
+  };
+  const size_t workers = std::min<size_t>(kMergeThreads, sorted.size());
+  std::vector<absl::Status> results(workers);
+  std::vector<std::thread> threads;
+  for (size_t w = 0; w < workers; ++w) {
+    auto work = [&, w] {
+      for (size_t i = w; i < sorted.size() && results[w].ok(); i += workers)
+        results[w] = copy(sorted[i]);
+    };
+    if (w + 1 < workers)
+      threads.emplace_back(work);
+    else
+      work();
   }
+  for (std::thread& t : threads) t.join();
+  for (const absl::Status& st : results)
+    if (!st.ok()) return st;
   // The origin holds the data durably before the records go.
   if (absl::Status st = origin_.Flush(); !st.ok()) return st;
-  if (absl::Status st = m.store->CommitMerge(run->count); !st.ok()) return st;
+  if (absl::Status st = m.store->CommitMerge(records); !st.ok()) return st;
   return false;
 }
 

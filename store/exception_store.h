@@ -111,6 +111,12 @@ class ExceptionStore {
   // removes those records durably. Replaying a step after a crash is
   // harmless.
   virtual absl::StatusOr<MergeRun> PrepareMerge() = 0;
+  // Several steps at once: the runs PrepareMerge would return one after the
+  // other, newest first, within the current area and up to max_records in
+  // all; CommitMerge(their total) then removes them with one area write.
+  // Empty: nothing left.
+  virtual absl::StatusOr<std::vector<MergeRun>> PrepareMergeRuns(
+      uint32_t max_records) = 0;
   virtual absl::Status CommitMerge(uint32_t count) = 0;
   virtual void set_merge_failed(bool failed) = 0;
 

@@ -91,6 +91,7 @@ class PersistentStore final : public ExceptionStore {
   }
 
   absl::StatusOr<MergeRun> PrepareMerge() override;
+  absl::StatusOr<std::vector<MergeRun>> PrepareMergeRuns(uint32_t max_records) override;
   absl::Status CommitMerge(uint32_t count) override;
   void set_merge_failed(bool failed) override {
     snap::MutexLock l(&mu_);
@@ -442,6 +443,13 @@ absl::Status PersistentStore::Flush() {
 }
 
 absl::StatusOr<MergeRun> PersistentStore::PrepareMerge() {
+  absl::StatusOr<std::vector<MergeRun>> runs = PrepareMergeRuns(1);
+  if (!runs.ok()) return runs.status();
+  return runs->empty() ? MergeRun{} : runs->front();
+}
+
+absl::StatusOr<std::vector<MergeRun>> PersistentStore::PrepareMergeRuns(
+    uint32_t max_records) {
   snap::MutexLock l(&mu_);
   if (!valid_)
     return absl::FailedPreconditionError(absl::StrFormat(
@@ -452,23 +460,34 @@ absl::StatusOr<MergeRun> PersistentStore::PrepareMerge() {
         "merge needs a quiet store: exceptions are still in flight");
   const uint64_t cb = geo_.chunk_bytes();
   if (cur_count_ == 0) {
-    if (cur_area_ == 0) return MergeRun{};
+    if (cur_area_ == 0) return std::vector<MergeRun>{};
     --cur_area_;
     if (absl::Status st = file_->PRead(area_buf_, geo_.AreaChunk(cur_area_) * cb);
         !st.ok())
       return st;
     cur_count_ = geo_.exceptions_per_area();
   }
+  // Runs from the end of the area: each the newest record left and the
+  // consecutive ones (old and new chunk both one less) before it.
+  std::vector<MergeRun> runs;
   const char* base = area_buf_.data();
-  DiskRecord last = DiskRecord::Decode(base + (cur_count_ - 1) * kRecordBytes);
-  uint32_t n = 1;
-  while (n < cur_count_) {
-    DiskRecord r = DiskRecord::Decode(base + (cur_count_ - 1 - n) * kRecordBytes);
-    if (r.old_chunk + n != last.old_chunk || r.new_chunk + n != last.new_chunk)
-      break;
-    ++n;
+  uint64_t end = cur_count_;  // records [0, end) not yet taken
+  uint64_t taken = 0;
+  while (end > 0 && (taken == 0 || taken < max_records)) {
+    DiskRecord last = DiskRecord::Decode(base + (end - 1) * kRecordBytes);
+    uint32_t n = 1;
+    while (n < end) {
+      DiskRecord r = DiskRecord::Decode(base + (end - 1 - n) * kRecordBytes);
+      if (r.old_chunk + n != last.old_chunk || r.new_chunk + n != last.new_chunk)
+        break;
+      ++n;
+    }
+    if (taken != 0 && taken + n > max_records) break;
+    runs.push_back({last.old_chunk - (n - 1), last.new_chunk - (n - 1), n});
+    taken += n;
+    end -= n;
   }
-  return MergeRun{last.old_chunk - (n - 1), last.new_chunk - (n - 1), n};
+  return runs;
 }
 
 absl::Status PersistentStore::CommitMerge(uint32_t count) {

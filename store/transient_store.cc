@@ -101,6 +101,9 @@ class TransientStore final : public ExceptionStore {
     return absl::FailedPreconditionError(absl::StrFormat(
         "%s is a transient (N) store: it cannot be merged", file_->name()));
   }
+  absl::StatusOr<std::vector<MergeRun>> PrepareMergeRuns(uint32_t) override {
+    return PrepareMerge().status();
+  }
   absl::Status CommitMerge(uint32_t) override { return PrepareMerge().status(); }
   void set_merge_failed(bool failed) override {
     snap::MutexLock l(&mu_);

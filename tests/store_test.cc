@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_format.h"
 #include "store/block_file.h"
 #include "store/cow_format.h"
 #include "store/cow_scan.h"
@@ -1405,6 +1406,61 @@ END_TEST
 
 // -------------------------------------------------------------- transient
 
+// PrepareMergeRuns: several dm merge steps at once. The runs come newest
+// first, each a run PrepareMerge alone would give, within one area and up
+// to the record budget (a first run always); one CommitMerge removes them.
+START_TEST(merge_runs_batch_the_steps) {
+  const uint32_t cs = 1;  // epa 32: several areas
+  FaultFile disk("batch.cow");
+  std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle(), Opts(cs));
+  // Runs of 1..5 consecutive origin chunks, then singles, over 3 areas.
+  std::map<uint64_t, uint64_t> model;  // old -> cow
+  uint64_t old = 100;
+  for (int i = 0; i < 80; ++i) {
+    const int len = i < 40 ? 1 + i % 5 : 1;
+    for (int k = 0; k < len && model.size() < 80; ++k) {
+      absl::StatusOr<uint64_t> cow = s->Allocate(old + k, snap::WriteSource::kSnapshot);
+      ck_assert(cow.ok());
+      ck_assert(s->Commit(*cow, false).ok());
+      model[old + k] = *cow;
+    }
+    old += len + 3;
+  }
+  ck_assert(s->Flush().ok());
+  while (true) {
+    absl::StatusOr<snap::MergeRun> one = s->PrepareMerge();
+    ck_assert(one.ok());
+    absl::StatusOr<std::vector<snap::MergeRun>> runs = s->PrepareMergeRuns(7);
+    ck_assert(runs.ok());
+    if (one->count == 0) {
+      ck_assert(runs->empty());
+      break;
+    }
+    // The first run of the batch is the one PrepareMerge gives.
+    ck_assert(!runs->empty());
+    ck_assert_uint_eq((*runs)[0].old_chunk, one->old_chunk);
+    ck_assert_uint_eq((*runs)[0].count, one->count);
+    uint32_t total = 0;
+    for (const snap::MergeRun& r : *runs) {
+      for (uint32_t k = 0; k < r.count; ++k) {
+        ck_assert_msg(model.count(r.old_chunk + k) == 1, "run names an unknown chunk");
+        ck_assert_uint_eq(model[r.old_chunk + k], r.cow_chunk + k);
+        model.erase(r.old_chunk + k);
+      }
+      total += r.count;
+    }
+    ck_assert(total <= 7 || runs->size() == 1);
+    ck_assert(s->CommitMerge(total).ok());
+    for (const snap::MergeRun& r : *runs)
+      ck_assert(!s->Lookup(r.old_chunk).has_value());
+    ck_assert_uint_eq(s->exception_count(), model.size());
+  }
+  ck_assert(model.empty());
+  ck_assert_str_eq(s->StatusLine().c_str(),
+                   absl::StrFormat("2/%d 2", disk.Contents().size() / 512).c_str());
+}
+END_TEST
+
 START_TEST(transient_basics) {
   FaultFile disk;
   std::unique_ptr<ExceptionStore> s =
@@ -1732,6 +1788,7 @@ Suite* ErrorSuite() {
   tcase_add_test(tc, size_cap_counts_next_area);
   tcase_add_test(tc, invalidate_writes_header_and_status_priority);
   tcase_add_test(tc, read_only_store_never_writes);
+  tcase_add_test(tc, merge_runs_batch_the_steps);
   suite_add_tcase(s, tc);
   return s;
 }
