@@ -52,7 +52,7 @@ test)
     "$kdm" setup >/dev/null || echo "quickstart: kdm setup failed; kernel interop tests will skip"
   fi
   build --enable-sanitizers=address,undefined
-  make check -j"$(nproc)" || { cat tests/*.log 2>/dev/null | tail -200; exit 1; }
+  make check -j"$(nproc)" || { cat test-suite.log 2>/dev/null | tail -300; exit 1; }
   ;;
 *)
   echo "usage: $0 demo|test" >&2
