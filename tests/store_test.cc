@@ -1456,8 +1456,9 @@ START_TEST(merge_runs_batch_the_steps) {
     ck_assert_uint_eq(s->exception_count(), model.size());
   }
   ck_assert(model.empty());
-  ck_assert_str_eq(s->StatusLine().c_str(),
-                   absl::StrFormat("2/%d 2", disk.Contents().size() / 512).c_str());
+  const std::string got = s->StatusLine();
+  const std::string want = absl::StrFormat("2/%d 2", disk.Contents().size() / 512);
+  ck_assert_str_eq(got.c_str(), want.c_str());
 }
 END_TEST
 
