@@ -25,6 +25,11 @@ class BlockFile {
   virtual absl::StatusOr<uint64_t> Size() = 0;
   // Grows (never shrinks) the file to at least size bytes, sparsely.
   virtual absl::Status GrowTo(uint64_t size) = 0;
+  // Best effort: sets aside disk space for a range past the end, without
+  // changing the size, so writes there need not allocate one at a time.
+  virtual void Reserve(uint64_t /*offset*/, uint64_t /*length*/) {}
+  // Gives back what Reserve set aside past the end of the file.
+  virtual void ReleaseReserve() {}
   // Best effort: turns the range into zeros, freeing space where it can.
   virtual absl::Status ZeroRange(uint64_t offset, uint64_t length) = 0;
   // Takes an exclusive lock for the life of the object, so that one

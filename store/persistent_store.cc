@@ -27,6 +27,11 @@ class PersistentStore final : public ExceptionStore {
         read_only_(opts.read_only),
         area_buf_(geo_.chunk_bytes()) {}
 
+  ~PersistentStore() override {
+    // No writer is left: give back disk space set aside past the end.
+    if (reserved_ != 0) file_->ReleaseReserve();
+  }
+
   absl::Status Load(const StoreOptions& opts);
 
   StoreType type() const override { return type_; }
@@ -166,6 +171,7 @@ class PersistentStore final : public ExceptionStore {
   uint64_t size_at_open_ ABSL_GUARDED_BY(mu_) = 0;
   bool writer_active_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t file_size_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t reserved_ ABSL_GUARDED_BY(mu_) = 0;  // disk space set aside to here
   bool valid_ ABSL_GUARDED_BY(mu_) = true;
   bool overflowed_ ABSL_GUARDED_BY(mu_) = false;
   bool merge_failed_ ABSL_GUARDED_BY(mu_) = false;
@@ -282,6 +288,17 @@ absl::StatusOr<uint64_t> PersistentStore::Allocate(uint64_t old_chunk,
   // The file grows with the data written into it; the group commit makes
   // sure it covers every chunk a record names before the record is written.
   file_size_ = std::max(file_size_, need);
+  if (need > reserved_) {
+    // Set disk space aside ahead of the data, in steps of an eighth of
+    // the file (4 MiB to 256 MiB): one extent allocation instead of one
+    // per chunk written.
+    uint64_t step = std::clamp<uint64_t>(file_size_ / 8, 4 << 20, 256 << 20);
+    uint64_t until = need + step;
+    if (size_cap_ != 0) until = std::min(until, size_cap_);
+    const uint64_t from = std::max(reserved_, need - cb);
+    if (until > from) file_->Reserve(from, until - from);
+    reserved_ = std::max(reserved_, until);
+  }
   pending_[next_slot_] = Pending{old_chunk, SlotState::kCopying};
   ++next_slot_;
   return chunk;

@@ -92,6 +92,19 @@ class PosixFile final : public BlockFile {
     return absl::OkStatus();
   }
 
+  void Reserve(uint64_t offset, uint64_t length) override {
+    (void)::fallocate(fd_, FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                      static_cast<off_t>(length));
+  }
+
+  void ReleaseReserve() override {
+    // Truncating to the same size drops the blocks kept past the end;
+    // only called when no other thread writes the file any more.
+    struct stat st;
+    if (::fstat(fd_, &st) == 0 && S_ISREG(st.st_mode))
+      (void)::ftruncate(fd_, st.st_size);
+  }
+
   absl::Status ZeroRange(uint64_t offset, uint64_t length) override {
     if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                     static_cast<off_t>(offset), static_cast<off_t>(length)) == 0)

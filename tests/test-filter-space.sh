@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# COW space: while nbdkit runs, disk space is set aside past the end of a
+# growing COW file (fewer, larger allocations); when it stops, the file
+# keeps only what it holds, and the size was never touched by it.
+source "$srcdir/functions.sh"
+set -e
+set -x
+requires nbdsh --version
+requires du --version
+tmp=$(mktemp -d)
+cleanup_fn rm -rf "$tmp"
+cd "$tmp"
+truncate -s 64M origin.img
+nbdkit -U - --filter="$FILTER" file origin.img snapshot=s=s.cow --run '
+  nbdsh -u "$uri" -c "h.pwrite(b\"x\" * (1 << 20), 0); h.flush()"
+  echo "$(du -k s.cow | cut -f1) $(stat -c %s s.cow)" > during'
+read -r kib size < during
+# 16 chunks of 64 KiB and the two metadata chunks: 1152 KiB of file.
+[ "$size" -eq $((18 * 65536)) ]
+[ "$kib" -gt $((size / 1024 + 1024)) ]     # space set aside while running
+after=$(du -k s.cow | cut -f1)
+[ "$after" -le $((size / 1024 + 64)) ]     # and given back at exit
+[ "$(stat -c %s s.cow)" -eq "$size" ]
