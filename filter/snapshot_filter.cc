@@ -386,13 +386,16 @@ int snapshot_extents(nbdkit_next*, void* handle, uint32_t count, uint64_t offset
                      uint32_t flags, nbdkit_extents* extents, int* err) {
   return Guarded(err, [&]() -> absl::Status {
     Handle& h = H(handle);
-    if (!h.snap) {
+    // The origin export shows the merged view while a merge runs: chunks
+    // still in the merging COW are data, whatever the origin says.
+    std::shared_ptr<Snapshot> view = h.snap ? h.snap : g_engine->merging();
+    if (!view) {
       if (g_origin.Extents(count, offset, flags, extents, err) == -1)
         return ErrnoError(*err ? *err : EIO, "origin extents failed");
       return absl::OkStatus();
     }
     absl::Status st;
-    g_engine->SnapClassify(*h.snap, count, offset,
+    g_engine->SnapClassify(*view, count, offset,
                            [&](uint64_t off, uint64_t len, bool in_cow) {
       if (!st.ok()) return;
       if (in_cow || !g_origin.can_extents()) {

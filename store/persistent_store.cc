@@ -436,7 +436,9 @@ absl::Status PersistentStore::Flush() {
     if (!valid_)
       return absl::DataLossError(absl::StrFormat(
           "%s: snapshot is invalid: %s", file_->name(), invalid_reason_));
-    if (AreaFullLocked() && !writer_active_) {
+    // A full area needs writing only when records wait for the next one;
+    // a merge stepping back into a full area has none (and must keep it).
+    if (AreaFullLocked() && !writer_active_ && buffered_upto_ < next_slot_) {
       WriteAreaLocked();
       wrote = true;
       continue;
