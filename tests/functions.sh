@@ -59,3 +59,35 @@ kill_nbdkit () {
     kill -9 "$pid"
     cleanup_fn exit 1
 }
+
+# json_field KEY: the value of KEY in the JSON object on stdin; strings as
+# they are, anything else as JSON (true, false, null, 42, [...]).
+json_field () {
+    python3 -c '
+import json, sys
+v = json.load(sys.stdin)[sys.argv[1]]
+print(v if isinstance(v, str) else json.dumps(v))' "$1"
+}
+
+# make_cow FILE CHUNK_SECTORS COUNT [FILE_CHUNKS]: a persistent COW laid out
+# as the kernel writes it, COUNT exceptions in allocation order: the k-th
+# maps origin chunk 1000+3k to the k-th data chunk (area chunks skipped).
+# The file is FILE_CHUNKS chunks long; by default just long enough for the
+# last data chunk and the area that ends the list.
+make_cow () {
+    python3 - "$@" <<'PY'
+import struct, sys
+path, cs, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+cb, epa = cs * 512, cs * 512 // 16
+def data_chunk(slot): return 2 + slot + slot // epa
+def area_chunk(area): return 1 + area * (epa + 1)
+chunks = max(area_chunk(count // epa), data_chunk(count - 1) if count else 0) + 1
+if len(sys.argv) > 4: chunks = int(sys.argv[4])
+img = bytearray(cb * chunks)
+img[0:16] = struct.pack("<4I", 0x70416e53, 1, 1, cs)
+for k in range(count):
+    off = area_chunk(k // epa) * cb + (k % epa) * 16
+    img[off:off + 16] = struct.pack("<QQ", 1000 + 3 * k, data_chunk(k))
+open(path, "wb").write(img)
+PY
+}

@@ -184,13 +184,19 @@ int Info(int argc, char** argv) {
         "{\"file\": %s, \"new_store\": %s, \"magic\": %u, \"valid\": %s, "
         "\"version\": %u, \"chunk_size_bytes\": %llu, \"chunk_sectors\": %llu, "
         "\"store_type\": \"P\", \"exceptions\": %llu, \"areas\": %llu, "
-        "\"file_size\": %llu, \"status\": %s, \"warnings\": [%s]}\n",
+        "\"file_size\": %llu, \"used_sectors\": %llu, \"total_sectors\": %llu, "
+        "\"metadata_sectors\": %llu, \"status\": %s, \"warnings\": [%s]}\n",
         snap::JsonString(path).c_str(), s.is_new ? "true" : "false", s.header.magic,
         !s.is_new && s.header.valid != 0 ? "true" : "false", s.header.version,
         static_cast<unsigned long long>(cs * 512), static_cast<unsigned long long>(cs),
         static_cast<unsigned long long>(exceptions),
         static_cast<unsigned long long>(s.is_new ? 0 : s.current_area + 1),
-        static_cast<unsigned long long>(s.file_size), snap::JsonString(status).c_str(),
+        static_cast<unsigned long long>(s.file_size),
+        static_cast<unsigned long long>(
+            s.is_new ? 0 : snap::Geometry(cs).SlotToChunk(s.max_slot_plus_one) * cs),
+        static_cast<unsigned long long>(s.file_size / 512),
+        static_cast<unsigned long long>(s.is_new ? 0 : (s.current_area + 2) * cs),
+        snap::JsonString(status).c_str(),
         absl::StrJoin(warnings, ", ").c_str());
     return kOk;
   }
