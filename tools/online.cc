@@ -1,4 +1,3 @@
-#include "tools/json.h"
 #include "tools/online.h"
 
 #include <glib.h>
@@ -9,18 +8,24 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "tools/cli.h"
+#include "tools/json.h"
 
 namespace snap {
 namespace {
 
-constexpr int kOk = 0, kRefused = 1, kUsage = 2, kUnreachable = 3;
+using cli::kOk;
+using cli::kUnreachable;
+constexpr int kRefused = cli::kFail;
 
 struct Reply {
   std::vector<std::string> lines;  // data lines
@@ -110,61 +115,65 @@ int MergePercent(const Reply& r, bool* merged, bool* failed) {
   return -1;
 }
 
-int Usage(const std::string& why) {
-  std::fprintf(stderr, "nbdsnap: %s\n", why.c_str());
-  std::fprintf(stderr,
-               "usage: nbdsnap -c SOCKET status [--json] | list | "
-               "take NAME FILE [--chunk-size SIZE] [--store P|PO|N] | "
-               "drop NAME | merge NAME [--wait]\n");
-  return kUsage;
-}
-
 }  // namespace
 
 int RunOnline(const char* socket_path, int argc, char** argv) {
-  if (argc < 1) return Usage("-c SOCKET needs a command");
+  if (argc < 1) return cli::UsageError("-c SOCKET needs a live command");
   const std::string cmd = argv[0];
-  gboolean json = FALSE, wait = FALSE;
-  gchar* chunk = nullptr;
-  gchar* store = nullptr;
-  GOptionEntry entries[] = {
-      {"json", 0, 0, G_OPTION_ARG_NONE, &json, "status as JSON", nullptr},
-      {"wait", 0, 0, G_OPTION_ARG_NONE, &wait, "merge: wait and show progress", nullptr},
-      {"chunk-size", 0, 0, G_OPTION_ARG_STRING, &chunk, "take: chunk size", "SIZE"},
-      {"store", 0, 0, G_OPTION_ARG_STRING, &store, "take: P, PO or N", "TYPE"},
-      {nullptr, 0, 0, G_OPTION_ARG_NONE, nullptr, nullptr, nullptr}};
-  GOptionContext* oc = g_option_context_new("- live command");
-  g_option_context_add_main_entries(oc, entries, nullptr);
-  GError* gerr = nullptr;
-  int ac = argc;
-  char** av = argv;
-  if (!g_option_context_parse(oc, &ac, &av, &gerr)) {
-    std::string why = gerr->message;
-    g_error_free(gerr);
-    g_option_context_free(oc);
-    return Usage(why);
+  struct Spec {
+    const char* params;
+    const char* summary;
+  };
+  Spec spec;
+  if (cmd == "status") {
+    spec = {"", "The origin (with a merge's progress) and each snapshot's dm status."};
+  } else if (cmd == "list") {
+    spec = {"", "One line per snapshot: name, file, store type, chunk size, status."};
+  } else if (cmd == "take") {
+    spec = {"NAME FILE", "A new snapshot NAME of the running origin, in FILE (new or empty)."};
+  } else if (cmd == "drop") {
+    spec = {"NAME", "Remove snapshot NAME; its file is kept."};
+  } else if (cmd == "merge") {
+    spec = {"NAME", "Start merging snapshot NAME into the origin."};
+  } else {
+    return cli::UsageError(absl::StrFormat("unknown live command '%s'", cmd));
   }
-  g_option_context_free(oc);
-  std::vector<std::string> args(av + 1, av + ac);
+  cli::CommandLine cl(absl::StrFormat("-c %s %s", socket_path, cmd), spec.params,
+                      spec.summary);
+  if (cmd == "status") cl.AddFlag("json", "Print one JSON object");
+  if (cmd == "take") {
+    cl.AddString("chunk-size", "SIZE", "Chunk size (default: nbdkit's snapshot-chunk-size)");
+    cl.AddString("store", "TYPE", "P, PO or N (needs --chunk-size)");
+  }
+  if (cmd == "merge") cl.AddFlag("wait", "Wait for the end, showing progress");
+  if (std::optional<int> rc = cl.Parse(argc, argv)) return *rc;
+  const bool json = cl.flag("json"), wait = cl.flag("wait");
+  const std::vector<std::string>& args = cl.args();
+  // The protocol is one line of words: a space would split an argument, a
+  // newline would start another command.
+  for (const std::string& a : args)
+    for (unsigned char c : a)
+      if (c <= ' ' || c == 0x7f)
+        return cl.UsageError(absl::StrFormat(
+            "'%s' contains a space or a control character, which the control "
+            "socket cannot carry: rename it",
+            absl::CHexEscape(a)));
   std::string line;
   if (cmd == "status" || cmd == "list") {
-    if (!args.empty()) return Usage(cmd + " takes no arguments");
+    if (!args.empty()) return cl.UsageError(cmd + " takes no arguments");
     line = cmd;
   } else if (cmd == "take") {
-    if (args.size() != 2) return Usage("take needs NAME FILE");
-    if (chunk == nullptr && store != nullptr)
-      return Usage("--store needs --chunk-size too");
+    if (args.size() != 2) return cl.UsageError("take needs NAME FILE");
+    const std::optional<std::string> chunk = cl.string("chunk-size");
+    const std::optional<std::string> store = cl.string("store");
+    if (!chunk && store) return cl.UsageError("--store needs --chunk-size too");
     line = absl::StrCat("take ", args[0], " ", args[1]);
-    if (chunk != nullptr) absl::StrAppend(&line, " ", chunk);
-    if (store != nullptr) absl::StrAppend(&line, " ", store);
-  } else if (cmd == "drop" || cmd == "merge") {
-    if (args.size() != 1) return Usage(cmd + " needs NAME");
-    line = absl::StrCat(cmd, " ", args[0]);
+    if (chunk) absl::StrAppend(&line, " ", *chunk);
+    if (store) absl::StrAppend(&line, " ", *store);
   } else {
-    return Usage("unknown live command '" + cmd + "'");
+    if (args.size() != 1) return cl.UsageError(cmd + " needs NAME");
+    line = absl::StrCat(cmd, " ", args[0]);
   }
-  g_free(chunk);
-  g_free(store);
 
   Connection conn;
   if (!conn.Open(socket_path)) {

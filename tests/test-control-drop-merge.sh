@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# snapshot-control `drop` and `merge`: drop removes the export, leaves its COW
+# file alone from then on, and fails I/O on connections opened before it;
+# merge runs in the background (status shows its progress), the origin ends
+# as the snapshot's view, other snapshots keep theirs; refusals: a drop of
+# the merging snapshot, a second merge, a merge of a transient (N) store.
+# Origin writes go through nbdkit's delay filter so that the merge takes a
+# while. Uses only the control socket (no nbdsnap).
+source "$srcdir/functions.sh"
+set -e
+set -x
+requires nbdinfo --version
+requires nbdcopy --version
+requires python3 -c 'import nbd'
+requires nbdkit --filter=delay null --dump-plugin
+tmp=$(mktemp -d)
+cleanup_fn rm -rf "$tmp"
+cd "$tmp"
+export tmp
+
+cat > ctl.py <<'PY'
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.settimeout(60); s.connect(sys.argv[1])
+s.sendall((" ".join(sys.argv[2:]) + "\n").encode())
+buf = b""
+while True:
+    c = s.recv(65536)
+    if not c: sys.exit("ctl: connection closed before OK/ERR: %r" % buf)
+    buf += c
+    done = [l for l in buf.split(b"\n")[:-1] if l == b"OK" or l.startswith(b"ERR")]
+    if done: break
+sys.stdout.write(buf.decode(errors="replace"))
+sys.exit(0 if done[0] == b"OK" else 1)
+PY
+ctl () { python3 "$tmp/ctl.py" "$tmp/ctl" "$@"; }
+ctl_err () {
+    local pat=$1 out; shift
+    if out=$(ctl "$@"); then echo "expected ERR from: $*"; echo "$out"; exit 1; fi
+    echo "$out"
+    echo "$out" | grep -q "^ERR .*$pat"
+}
+exports () { nbdinfo --list --json "nbd+unix:///?socket=$tmp/sock" |
+  python3 -c 'import json,sys; print(" ".join(sorted(e["export-name"] for e in json.load(sys.stdin)["exports"])))'; }
+
+head -c 8M /dev/urandom > origin.img
+start_nbdkit -P pid -U sock --filter="$FILTER" --filter=delay file origin.img \
+  delay-write=4ms snapshot-chunk-size=4k snapshot-control="$tmp/ctl"
+uri="nbd+unix:///origin?socket=$tmp/sock"
+
+# ---- drop ----
+ctl take d1 "$tmp/d1.cow"
+[ "$(exports)" = "d1 origin" ]
+nbdsh -u "$uri" -c '
+for i in range(0, 2048, 64):
+    h.pwrite(b"before drop" * 372 + b"\0" * 4, i * 4096)
+h.flush()'
+nbdcopy "nbd+unix:///d1?socket=$tmp/sock" d1.img
+
+# A connection to d1 opened before the drop.
+python3 - <<'PY' &
+import nbd, os, time
+h = nbd.NBD(); h.connect_uri("nbd+unix:///d1?socket=%s/sock" % os.environ["tmp"])
+assert len(h.pread(4096, 0)) == 4096
+open("d1-open", "w").write("1")
+while not os.path.exists("d1-dropped"): time.sleep(0.05)
+res = []
+for what, op in (("read", lambda: h.pread(4096, 0)),
+                 ("write", lambda: h.pwrite(b"x" * 4096, 0)),
+                 ("flush", lambda: h.flush())):
+    try:
+        op(); res.append("%s ok" % what)
+    except nbd.Error as e:
+        res.append("%s %s" % (what, e.errno))
+open("d1-result", "w").write("\n".join(res) + "\n")
+PY
+reader=$!
+for i in $(seq 200); do [ -e d1-open ] && break; sleep 0.05; done
+[ -e d1-open ]
+ctl drop d1
+sha_d1=$(sha256sum < d1.cow); size_d1=$(stat -c %s d1.cow)
+touch d1-dropped
+wait $reader
+cat d1-result
+grep -qx 'read EIO' d1-result
+grep -qx 'write EIO' d1-result
+[ "$(exports)" = "origin" ]
+! ctl list | grep -q '^d1 '
+! ctl status | grep -q '^d1:'
+# Origin writes no longer touch d1.cow; it still holds d1's view.
+nbdsh -u "$uri" -c '
+for i in range(1, 2048, 7):
+    h.pwrite(b"after drop" * 409 + b"\0" * 6, i * 4096)
+h.flush()'
+[ "$(sha256sum < d1.cow)" = "$sha_d1" ]
+[ "$(stat -c %s d1.cow)" = "$size_d1" ]
+ctl_err '' drop d1
+ctl_err usage drop
+ctl_err '' drop origin
+# The dropped COW is a complete snapshot: serve it on its own.
+nbdcopy "$uri" origin-now.img
+nbdkit -U - --filter="$FILTER" file origin-now.img snapshot=d1="$tmp/d1.cow" \
+  --run 'nbdcopy "nbd+unix:///d1?socket=$unixsocket" d1-offline.img'
+# (d1-offline.img differs from d1.img: origin chunks written after the drop
+# were not copied out. Only the chunks written before it must match.)
+python3 - <<'PY'
+a = open("d1.img", "rb").read(); b = open("d1-offline.img", "rb").read()
+for i in range(0, 2048, 64):
+    assert a[i * 4096:(i + 1) * 4096] == b[i * 4096:(i + 1) * 4096], i
+PY
+# Its name can be used again.
+ctl take d1 "$tmp/d1-new.cow"
+ctl drop d1
+
+# ---- merge ----
+nbdcopy "$uri" at-m1.img
+ctl take m1 "$tmp/m1.cow"
+# Snapshot writes (every other chunk, so the merge has many runs) and
+# origin writes after the take.
+nbdsh -u "nbd+unix:///m1?socket=$tmp/sock" -c '
+for i in range(0, 2048, 3):
+    h.pwrite((b"m1 %d " % i).ljust(4096, b"m"), i * 4096)
+h.flush()'
+nbdsh -u "$uri" -c '
+for i in range(1, 2048, 5):
+    h.pwrite((b"origin %d " % i).ljust(4096, b"o"), i * 4096)
+h.flush()'
+nbdcopy "nbd+unix:///m1?socket=$tmp/sock" m1.img
+nbdcopy "$uri" at-other.img
+ctl take other "$tmp/other.cow"
+ctl take trans "$tmp/trans.cow" 4k N
+ctl_err 'transient' merge trans
+ctl_err '' merge nosuch
+ctl_err usage merge
+
+ctl merge m1 | tee merge.out
+grep -q 'merging m1' merge.out
+# While it runs: refusals, status, and the export list.
+ctl_err "" merge other
+ctl_err "" drop m1
+ctl status | tee status.out
+grep -q 'merging m1' status.out
+if grep -q 'merged m1' status.out; then
+  echo "the merge finished too soon for this test; slow the origin down"; exit 1
+fi
+[ "$(exports)" = "origin other trans" ]
+# The origin export shows the merged view at once.
+nbdcopy "$uri" during.img
+cmp m1.img during.img
+# Poll status until the merge is done.
+for i in $(seq 1200); do
+  ctl status > status.out
+  grep -q 'merged m1' status.out && break
+  grep -q 'failed' status.out && { cat status.out; exit 1; }
+  sleep 0.1
+done
+cat status.out
+grep -q 'merged m1' status.out
+! grep -q '^m1' status.out
+! ctl list | grep -q '^m1 '
+[ "$(exports)" = "origin other trans" ]
+nbdcopy "$uri" merged.img
+cmp m1.img merged.img
+# The other snapshots kept their contents.
+nbdcopy "nbd+unix:///other?socket=$tmp/sock" other.img
+cmp at-other.img other.img
+nbdcopy "nbd+unix:///trans?socket=$tmp/sock" trans.img
+cmp at-other.img trans.img
+# A merge after the first one completed is allowed.
+ctl merge other
+for i in $(seq 1200); do
+  ctl status > status.out
+  grep -q 'merged other' status.out && break
+  sleep 0.1
+done
+grep -q 'merged other' status.out
+nbdcopy "$uri" merged2.img
+cmp at-other.img merged2.img
+# The data reached origin.img itself.
+kill_nbdkit "$(cat pid)"
+cmp at-other.img origin.img

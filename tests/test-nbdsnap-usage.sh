@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# nbdsnap's command line: help, per-command help, usage errors (exit 2, one
+# line on stderr), and -c without a server (exit 3).
+source "$srcdir/functions.sh"
+set -e
+set -x
+requires test -x "$NBDSNAP"
+tmp=$(mktemp -d)
+cleanup_fn rm -rf "$tmp"
+cd "$tmp"
+
+# The general help, three ways: every command listed, exit 0, stdout only.
+for h in --help -h help; do
+    "$NBDSNAP" $h > help.txt 2> err
+    [ ! -s err ]
+    for cmd in create info check dump help status list take drop merge; do
+        grep -Eq "^  $cmd( |$)" help.txt
+    done
+done
+
+# Each command's help, two ways, the same text.
+for cmd in create info check dump; do
+    "$NBDSNAP" $cmd --help > a.txt
+    "$NBDSNAP" help $cmd > b.txt
+    "$NBDSNAP" $cmd -h > c.txt
+    cmp a.txt b.txt
+    cmp a.txt c.txt
+    grep -q "^  nbdsnap $cmd .*FILE$" a.txt
+    grep -q -- '--help' a.txt
+done
+if grep -q -- '--chunk-size' a.txt; then exit 1; fi  # dump's help
+"$NBDSNAP" create --help | grep -q -- '--chunk-size=SIZE'
+"$NBDSNAP" create --help | grep -q -- '--store=TYPE'
+"$NBDSNAP" create --help | grep -q -- '--force'
+"$NBDSNAP" info --help | grep -q -- '--json'
+"$NBDSNAP" -c sock take --help | grep -q '^  nbdsnap -c sock take .*NAME FILE$'
+
+# Usage errors: exit 2, nothing on stdout, one line on stderr.
+usage_error () {
+    local rc=0
+    "$NBDSNAP" "$@" > out 2> err || rc=$?
+    cat err
+    [ $rc -eq 2 ]
+    [ ! -s out ]
+    [ "$(wc -l < err)" -eq 1 ]
+    grep -q '^nbdsnap: .*(see nbdsnap.* --help)$' err
+}
+usage_error
+usage_error bogus
+usage_error help bogus
+usage_error help create info
+usage_error --help extra
+usage_error -c
+usage_error -c sock
+usage_error -c sock bogus
+usage_error -c sock take onlyname
+usage_error -c sock take n f --store N
+usage_error -c sock status extra
+usage_error -c sock status --wait
+usage_error -c sock take "a b" f.cow
+usage_error -c sock take a $'f\ndrop a'
+
+# -c to a socket nobody listens on: exit 3, and what to check.
+rc=0; "$NBDSNAP" -c "$tmp/none.sock" status 2> err || rc=$?
+[ $rc -eq 3 ]
+grep -q "^nbdsnap: cannot reach $tmp/none.sock: .*snapshot-control=" err
