@@ -133,7 +133,10 @@ class PersistentStore final : public ExceptionStore {
   }
   void InvalidateLocked(std::string_view reason)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Moves ready slots, in allocation order, into the area buffer.
+  // Moves ready_upto_ past the slots whose copy has finished.
+  void AdvanceReadyLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Moves slots whose data is durable, in allocation order, into the area
+  // buffer.
   void DrainLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool NextAreaKnownZeroLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The current area is full and its successor must be zeroed on disk
@@ -141,8 +144,9 @@ class PersistentStore final : public ExceptionStore {
   bool AreaFullLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return cur_count_ == geo_.exceptions_per_area() && !NextAreaKnownZeroLocked();
   }
-  // One group commit: sync data, zero the next area if this one is full,
-  // write the area, sync. Drops the lock while doing I/O.
+  // One group commit, pipelined: write the records whose data an earlier
+  // commit made durable, then one sync makes them durable together with
+  // the data of every copy finished since. Drops the lock while doing I/O.
   void WriteAreaLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status WriteHeader(uint32_t valid);
 
@@ -157,7 +161,12 @@ class PersistentStore final : public ExceptionStore {
   ExceptionTable table_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<uint32_t, Pending> pending_ ABSL_GUARDED_BY(mu_);
   uint32_t next_slot_ ABSL_GUARDED_BY(mu_) = 0;
+  // Slots below buffered_upto_ are in the area buffer or on disk; below
+  // data_durable_upto_ their data is on disk; below ready_upto_ their copy
+  // has finished (or was abandoned). buffered <= data_durable <= ready.
   uint32_t buffered_upto_ ABSL_GUARDED_BY(mu_) = 0;
+  uint32_t data_durable_upto_ ABSL_GUARDED_BY(mu_) = 0;
+  uint32_t ready_upto_ ABSL_GUARDED_BY(mu_) = 0;
   uint32_t durable_upto_ ABSL_GUARDED_BY(mu_) = 0;
   uint32_t committed_upto_ ABSL_GUARDED_BY(mu_) = 0;  // highest commit + 1
   uint64_t cur_area_ ABSL_GUARDED_BY(mu_) = 0;
@@ -239,8 +248,9 @@ absl::Status PersistentStore::Load(const StoreOptions& opts) {
   cur_area_ = scan->current_area;
   cur_count_ = scan->current_count;
   area_buf_ = std::move(scan->current_area_buf);
-  next_slot_ = buffered_upto_ = durable_upto_ = committed_upto_ =
-      static_cast<uint32_t>(scan->max_slot_plus_one);
+  next_slot_ = buffered_upto_ = data_durable_upto_ = ready_upto_ =
+      durable_upto_ = committed_upto_ =
+          static_cast<uint32_t>(scan->max_slot_plus_one);
   // If the next area is past the end of the file, room is made for it when
   // the current one fills.
   return absl::OkStatus();
@@ -312,9 +322,17 @@ bool PersistentStore::NextAreaKnownZeroLocked() const {
   return geo_.AreaChunk(cur_area_ + 1) * geo_.chunk_bytes() >= size_at_open_;
 }
 
+void PersistentStore::AdvanceReadyLocked() {
+  while (ready_upto_ < next_slot_) {
+    auto it = pending_.find(ready_upto_);
+    if (it == pending_.end() || it->second.state == SlotState::kCopying) break;
+    ++ready_upto_;
+  }
+}
+
 void PersistentStore::DrainLocked() {
   const uint64_t epa = geo_.exceptions_per_area();
-  while (buffered_upto_ < next_slot_ && cur_count_ < epa) {
+  while (buffered_upto_ < data_durable_upto_ && cur_count_ < epa) {
     auto it = pending_.find(buffered_upto_);
     if (it == pending_.end() || it->second.state == SlotState::kCopying) break;
     if (it->second.state == SlotState::kReady) {
@@ -339,27 +357,34 @@ void PersistentStore::WriteAreaLocked() {
   writer_active_ = true;
   DrainLocked();
   const uint32_t target = buffered_upto_;
+  // Copies finished before the sync below starts are durable after it.
+  const uint32_t data_target = ready_upto_;
   const bool full = AreaFullLocked();
+  const bool new_records =
+      target != durable_upto_ || full || !full_areas_.empty();
   const uint64_t area = cur_area_;
-  std::vector<char> buf = area_buf_;
+  std::vector<char> buf;
+  if (new_records) buf = area_buf_;
   std::vector<std::pair<uint64_t, std::vector<char>>> full_areas;
   full_areas.swap(full_areas_);
   const uint64_t cb = geo_.chunk_bytes();
   const uint64_t grow_to = file_size_;
   mu_.Unlock();
-  // Data first, then every area naming it, then the sync that makes the
-  // commit durable (the kernel's PREFLUSH + FUA).
+  // The records written here name only data an earlier sync made durable,
+  // so one sync (the kernel's PREFLUSH + FUA) commits them, and with them
+  // the data of the next group: a copy-out costs one sync, not two.
   absl::Status st = file_->GrowTo(grow_to);
   if (st.ok() && full) {
     // The next area must read as zeros on disk before a full area leads
-    // the reader to it: zero it before the sync below.
+    // the reader to it: zero it, and sync, before writing the full area.
     std::vector<char> zero(cb, 0);
     st = file_->PWrite(zero, geo_.AreaChunk(area + 1) * cb);
+    if (st.ok()) st = file_->Sync();
   }
-  if (st.ok()) st = file_->Sync();
   for (const auto& [a, abuf] : full_areas)
     if (st.ok()) st = file_->PWrite(abuf, geo_.AreaChunk(a) * cb);
-  if (st.ok()) st = file_->PWrite(buf, geo_.AreaChunk(area) * cb);
+  if (st.ok() && new_records)
+    st = file_->PWrite(buf, geo_.AreaChunk(area) * cb);
   if (st.ok()) st = file_->Sync();
   mu_.Lock();
   writer_active_ = false;
@@ -368,6 +393,7 @@ void PersistentStore::WriteAreaLocked() {
     InvalidateLocked(absl::StrCat("metadata commit failed: ", st.message()));
   } else {
     durable_upto_ = std::max(durable_upto_, target);
+    data_durable_upto_ = std::max(data_durable_upto_, data_target);
     if (full && cur_area_ == area) {
       ++cur_area_;
       cur_count_ = 0;
@@ -388,13 +414,16 @@ absl::Status PersistentStore::Commit(uint64_t cow_chunk, bool wait_durable) {
   it->second.state = SlotState::kReady;
   table_.Insert(it->second.old_chunk, slot);
   committed_upto_ = std::max(committed_upto_, slot + 1);
+  AdvanceReadyLocked();
   cv_.SignalAll();
+  const uint64_t max_lazy = kMaxFullAreas * geo_.exceptions_per_area();
   for (;;) {
     // Slots committed while the area was full wait here for a new area.
     DrainLocked();
-    if (full_areas_.size() >= kMaxFullAreas && !writer_active_) {
-      // Lazy commits have filled several areas: write them out, so memory
-      // stays bounded and a crash loses little.
+    if (!writer_active_ && (full_areas_.size() >= kMaxFullAreas ||
+                            ready_upto_ - buffered_upto_ >= max_lazy)) {
+      // Lazy commits have piled up several areas' worth: write them out,
+      // so memory stays bounded and a crash loses little.
       WriteAreaLocked();
       continue;
     }
@@ -408,7 +437,7 @@ absl::Status PersistentStore::Commit(uint64_t cow_chunk, bool wait_durable) {
     if (!wait_durable || durable_upto_ > slot) return absl::OkStatus();
     // Wait for a writer in progress, or for the slots before ours: records
     // go to disk in allocation order.
-    if (writer_active_ || buffered_upto_ <= slot || AreaFullLocked()) {
+    if (writer_active_ || ready_upto_ <= slot || AreaFullLocked()) {
       cv_.Wait(&mu_);
       DrainLocked();
       continue;
@@ -422,6 +451,7 @@ void PersistentStore::Abandon(uint64_t cow_chunk) {
   auto it = pending_.find(static_cast<uint32_t>(*geo_.ChunkToSlot(cow_chunk)));
   if (it == pending_.end() || it->second.state != SlotState::kCopying) return;
   it->second.state = SlotState::kAbandoned;
+  AdvanceReadyLocked();
   DrainLocked();
   cv_.SignalAll();
 }
@@ -436,15 +466,17 @@ absl::Status PersistentStore::Flush() {
     if (!valid_)
       return absl::DataLossError(absl::StrFormat(
           "%s: snapshot is invalid: %s", file_->name(), invalid_reason_));
-    // A full area needs writing only when records wait for the next one;
-    // a merge stepping back into a full area has none (and must keep it).
-    if (AreaFullLocked() && !writer_active_ && buffered_upto_ < next_slot_) {
+    // A full area needs writing when it holds records not yet on disk, or
+    // records wait for the next one; a merge stepping back into a full
+    // area has neither (and must keep it).
+    if (AreaFullLocked() && !writer_active_ &&
+        (durable_upto_ < buffered_upto_ || buffered_upto_ < next_slot_)) {
       WriteAreaLocked();
       wrote = true;
       continue;
     }
     if (durable_upto_ >= target) break;
-    if (writer_active_ || buffered_upto_ < target || AreaFullLocked()) {
+    if (writer_active_ || ready_upto_ < target || AreaFullLocked()) {
       cv_.Wait(&mu_);
       DrainLocked();
       continue;
@@ -540,8 +572,9 @@ absl::Status PersistentStore::CommitMerge(uint32_t count) {
   }
   // dm: next_free = area_location(current_area) + committed + 1.
   const uint64_t next_free = geo_.AreaChunk(cur_area_) + cur_count_ + 1;
-  next_slot_ = buffered_upto_ = durable_upto_ = committed_upto_ =
-      static_cast<uint32_t>(*geo_.ChunkToSlot(next_free));
+  next_slot_ = buffered_upto_ = data_durable_upto_ = ready_upto_ =
+      durable_upto_ = committed_upto_ =
+          static_cast<uint32_t>(*geo_.ChunkToSlot(next_free));
   return absl::OkStatus();
 }
 

@@ -365,6 +365,55 @@ END_TEST
 // Threads commit concurrently (waiting and lazy) while the disk dies at a
 // sync point: what survives is a prefix in allocation order, holding every
 // acknowledged exception, each with its data.
+// Group commits are pipelined: a copy that finishes while a commit's sync
+// runs is not made durable by that sync; the next sync makes its data
+// durable while it writes the records of the group before. Two overlapping
+// commits cost three syncs, not four, and no record is on disk before its
+// data.
+START_TEST(commits_pipeline_data_and_records) {
+  FaultFile disk;
+  std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle());
+  const uint64_t base = disk.counters().syncs;
+  absl::StatusOr<uint64_t> a = s->Allocate(1, WriteSource::kOrigin);
+  ASSERT_OK(a.status());
+  ASSERT_OK(s->WriteChunk(*a, 0, Pattern(1, kCb)));
+  absl::StatusOr<uint64_t> b = absl::UnknownError("not allocated");
+  absl::Status b_commit = absl::UnknownError("not committed");
+  disk.set_sync_hook([&](uint64_t index) {
+    if (index != base) return;
+    // a's first sync is under way: b's copy finishes now.
+    b = s->Allocate(2, WriteSource::kOrigin);
+    if (!b.ok()) return;
+    b_commit = s->WriteChunk(*b, 0, Pattern(2, kCb));
+    if (b_commit.ok()) b_commit = s->Commit(*b, false);
+  });
+  ASSERT_OK(s->Commit(*a, true));
+  disk.set_sync_hook(nullptr);
+  ASSERT_OK(b.status());
+  ASSERT_OK(b_commit);
+  // a's data, then a's record together with b's data.
+  ck_assert_uint_eq(disk.counters().syncs - base, 2);
+  std::vector<char> buf(kCb);
+  {
+    std::unique_ptr<FaultFile> img = disk.PowerLoss();
+    std::unique_ptr<ExceptionStore> r = MustOpen(img->Handle());
+    std::optional<snap::Exception> ea = r->Lookup(1);
+    ck_assert(ea.has_value());
+    ASSERT_OK(r->ReadChunk(ea->cow_chunk, 0, buf));
+    ck_assert(buf == Pattern(1, kCb));
+    ck_assert(!r->Lookup(2).has_value());
+  }
+  ASSERT_OK(s->Flush());
+  ck_assert_uint_eq(disk.counters().syncs - base, 3);
+  std::unique_ptr<FaultFile> img = disk.PowerLoss();
+  std::unique_ptr<ExceptionStore> r = MustOpen(img->Handle());
+  std::optional<snap::Exception> eb = r->Lookup(2);
+  ck_assert(eb.has_value() && eb->cow_chunk == *b);
+  ASSERT_OK(r->ReadChunk(eb->cow_chunk, 0, buf));
+  ck_assert(buf == Pattern(2, kCb));
+}
+END_TEST
+
 START_TEST(power_loss_under_concurrent_commits) {
   const int threads = 4, per = 40;
   for (uint64_t k = 3; k < 60; k += 4) {
@@ -714,6 +763,7 @@ Suite* PowerLossSuite() {
   tcase_add_test(tc, torn_power_loss_at_every_sync_point);
   tcase_add_test(tc, torn_power_loss_while_creating_store);
   tcase_add_test(tc, power_loss_under_concurrent_commits);
+  tcase_add_test(tc, commits_pipeline_data_and_records);
   tcase_add_test(tc, io_error_at_every_write_and_sync);
   suite_add_tcase(s, tc);
   return s;

@@ -23,12 +23,14 @@ struct Disk {
   std::vector<char> cur;
   std::vector<char> durable;
   std::vector<Unsynced> unsynced;
+  uint64_t synced_ops = 0;  // ops ever moved from unsynced to durable
   std::vector<Fault> faults;
   Counters n;
   std::vector<Event> events;
   bool frozen = false;
   std::optional<uint64_t> crash_at;
   std::chrono::microseconds sync_delay{0};
+  std::function<void(uint64_t)> sync_hook;
 };
 
 namespace {
@@ -166,10 +168,17 @@ absl::Status FaultFile::PWrite(std::span<const char> buf, uint64_t offset) {
 
 absl::Status FaultFile::Sync() {
   std::chrono::microseconds delay;
+  uint64_t covers;  // a sync makes durable only what was written before it began
+  std::function<void(uint64_t)> hook;
+  uint64_t index0;
   {
     std::lock_guard<std::mutex> l(disk_->mu);
     delay = disk_->sync_delay;
+    covers = disk_->synced_ops + disk_->unsynced.size();
+    hook = disk_->sync_hook;
+    index0 = disk_->n.syncs;
   }
+  if (hook) hook(index0);
   if (delay.count() > 0) std::this_thread::sleep_for(delay);
   std::lock_guard<std::mutex> l(disk_->mu);
   Disk& d = *disk_;
@@ -189,8 +198,11 @@ absl::Status FaultFile::Sync() {
     d.events.push_back(ev);
     return FaultStatus(*f, name_, "sync", 0);
   }
-  for (const Unsynced& u : d.unsynced) Apply(d.durable, u.ev, u.data);
-  d.unsynced.clear();
+  const uint64_t k = std::min<uint64_t>(
+      d.unsynced.size(), covers > d.synced_ops ? covers - d.synced_ops : 0);
+  for (uint64_t i = 0; i < k; ++i) Apply(d.durable, d.unsynced[i].ev, d.unsynced[i].data);
+  d.unsynced.erase(d.unsynced.begin(), d.unsynced.begin() + static_cast<ptrdiff_t>(k));
+  d.synced_ops += k;
   ++d.n.ok_syncs;
   ev.ok = true;
   d.events.push_back(ev);
@@ -268,6 +280,11 @@ void FaultFile::Freeze() {
 bool FaultFile::frozen() const {
   std::lock_guard<std::mutex> l(disk_->mu);
   return disk_->frozen;
+}
+
+void FaultFile::set_sync_hook(std::function<void(uint64_t)> hook) {
+  std::lock_guard<std::mutex> l(disk_->mu);
+  disk_->sync_hook = std::move(hook);
 }
 
 void FaultFile::set_sync_delay(std::chrono::microseconds d) {

@@ -89,6 +89,10 @@ class FaultFile final : public snap::BlockFile {
   bool frozen() const;
   // Sleeps this long in every Sync (outside the disk's lock), like a disk.
   void set_sync_delay(std::chrono::microseconds d);
+  // Runs at the start of every Sync, outside the disk's lock, with the
+  // number of Sync calls made before it: to act while a sync is under way.
+  // A sync makes durable only what was written before it began.
+  void set_sync_hook(std::function<void(uint64_t)> hook);
 
   // A new disk (no faults, fresh counters) holding the current image, all of
   // it durable: the file as it is now, without sharing it.
