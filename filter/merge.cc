@@ -21,8 +21,10 @@ constexpr uint64_t kMergeBatch = 64 << 20;
 
 void SnapshotEngine::StartMerge(std::shared_ptr<Snapshot> snap) {
   // Like an origin write: nothing may be copying out while the snapshot
-  // stops taking copy-outs.
+  // stops taking copy-outs, and acknowledged writes reach the origin
+  // before the merge reads or writes it.
   snap::MutexLock gate(&origin_gate_);
+  behind_.WaitIdle();
   snap->merging.store(true);
   snap::MutexLock l(&list_mu_);
   merging_ = std::move(snap);
@@ -150,6 +152,7 @@ absl::Status SnapshotEngine::MergedWrite(Snapshot& m, std::span<const char> data
     }
     // Already on the origin: an origin write, copy-outs included.
     if (absl::Status st = CopyOutAll(b - a, a); !st.ok()) return st;
+    behind_.WaitFor(a, b - a);  // queued before the merge finished
     if (absl::Status st = origin_.Write(piece_of(a, b - a), a, fua); !st.ok())
       return st;
   }

@@ -41,6 +41,9 @@ std::string Snapshot::Description() const {
 
 void SnapshotEngine::Add(std::shared_ptr<Snapshot> snap) {
   snap::MutexLock gate(&origin_gate_);
+  // Acknowledged writes are part of the point in time: they reach the
+  // origin before the new snapshot starts taking copy-outs from it.
+  behind_.WaitIdle();
   snap::MutexLock l(&list_mu_);
   snaps_.push_back(std::move(snap));
   std::stable_sort(snaps_.begin(), snaps_.end(), [](const auto& a, const auto& b) {
@@ -90,11 +93,12 @@ absl::Status SnapshotEngine::CheckUsable(const Snapshot& s) const {
 
 absl::Status SnapshotEngine::OriginRead(std::span<char> buf, uint64_t offset) {
   if (std::shared_ptr<Snapshot> m = merging()) return MergedRead(*m, buf, offset);
+  behind_.WaitFor(offset, buf.size());
   return origin_.Read(buf, offset);
 }
 
 absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
-                                     uint64_t offset) {
+                                     uint64_t offset, bool wait, bool* pending) {
   if (length == 0 || s.merging.load() || !s.store->valid())
     return absl::OkStatus();
   ExceptionStore& store = *s.store;
@@ -119,9 +123,14 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
     else if (!ex->durable)
       lazy = true;
   }
-  // A snapshot write's exception may not be on disk yet: it must be before
-  // the origin changes under it.
-  if (lazy && !store.Flush().ok()) return absl::OkStatus();  // now invalid
+  // An exception may not be on disk yet (a snapshot write's, or another
+  // queued origin write's): it must be before the origin changes under it.
+  if (lazy) {
+    if (!wait)
+      *pending = true;
+    else if (!store.Flush().ok())
+      return absl::OkStatus();  // now invalid
+  }
 
   const uint64_t size = origin_.size();
   std::vector<char> buf;
@@ -172,35 +181,72 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
       return absl::OkStatus();
     }
     // Only the last commit waits: records are durable in allocation order.
-    const bool wait = i + 1 == need.size();
-    if (absl::Status cst = store.Commit(*cow, wait); !cst.ok())
+    const bool last = i + 1 == need.size();
+    if (absl::Status cst = store.Commit(*cow, wait && last); !cst.ok())
       return absl::OkStatus();  // the store is invalid now, as in dm
+    if (!wait) *pending = true;
   }
   return absl::OkStatus();
 }
 
-absl::Status SnapshotEngine::CopyOutAll(uint64_t length, uint64_t offset) {
-  for (const auto& s : List())
-    if (absl::Status st = CopyOut(*s, length, offset); !st.ok()) return st;
+absl::Status SnapshotEngine::CopyOutAll(
+    uint64_t length, uint64_t offset, bool wait,
+    std::vector<std::shared_ptr<ExceptionStore>>* pending) {
+  for (const auto& s : List()) {
+    bool uncommitted = false;
+    if (absl::Status st = CopyOut(*s, length, offset, wait, &uncommitted); !st.ok())
+      return st;
+    // The store lives as long as the snapshot that owns it.
+    if (uncommitted) pending->emplace_back(s, s->store.get());
+  }
   return absl::OkStatus();
 }
 
 absl::Status SnapshotEngine::OriginWrite(std::span<const char> buf,
                                          uint64_t offset, bool fua) {
-  if (std::shared_ptr<Snapshot> m = merging())
-    return MergedWrite(*m, buf, buf.size(), offset, fua);
-  snap::ReaderMutexLock gate(&origin_gate_);
-  if (absl::Status st = CopyOutAll(buf.size(), offset); !st.ok()) return st;
-  return origin_.Write(buf, offset, fua);
+  std::shared_ptr<Snapshot> m;
+  {
+    snap::ReaderMutexLock gate(&origin_gate_);
+    // Checked under the gate: a merge that starts now waits for this write.
+    m = merging();
+    if (!m) {
+      if (fua) {
+        // Durable on return: copy out durably, after any queued write here.
+        if (absl::Status st = CopyOutAll(buf.size(), offset); !st.ok()) return st;
+        behind_.WaitFor(offset, buf.size());
+        return origin_.Write(buf, offset, true);
+      }
+      std::vector<std::shared_ptr<ExceptionStore>> pending;
+      if (absl::Status st = CopyOutAll(buf.size(), offset, false, &pending); !st.ok())
+        return st;
+      if (!pending.empty()) {
+        // Acknowledged now, written once the copy-outs are durable.
+        behind_.Queue(buf, offset, std::move(pending));
+        return absl::OkStatus();
+      }
+      behind_.WaitFor(offset, buf.size());
+      return origin_.Write(buf, offset, false);
+    }
+  }
+  // A merge that finishes meanwhile leaves an empty snapshot: MergedWrite
+  // then writes the origin, which is right.
+  return MergedWrite(*m, buf, buf.size(), offset, fua);
 }
 
 absl::Status SnapshotEngine::OriginZero(uint64_t length, uint64_t offset,
                                         bool may_trim, bool fua, bool fast) {
-  if (std::shared_ptr<Snapshot> m = merging()) {
-    if (fast) return ErrnoError(ENOTSUP, "no fast zero while merging");
-    return MergedWrite(*m, {}, length, offset, fua);
+  std::shared_ptr<Snapshot> m;
+  {
+    snap::ReaderMutexLock gate(&origin_gate_);
+    m = merging();
+    if (!m) return OriginZeroLocked(length, offset, may_trim, fua, fast);
   }
-  snap::ReaderMutexLock gate(&origin_gate_);
+  if (fast) return ErrnoError(ENOTSUP, "no fast zero while merging");
+  return MergedWrite(*m, {}, length, offset, fua);
+}
+
+absl::Status SnapshotEngine::OriginZeroLocked(uint64_t length, uint64_t offset,
+                                              bool may_trim, bool fua, bool fast) {
   if (fast) {
     // A zero that must first copy chunks out is not fast.
     for (const auto& s : List()) {
@@ -211,6 +257,7 @@ absl::Status SnapshotEngine::OriginZero(uint64_t length, uint64_t offset,
     }
   }
   if (absl::Status st = CopyOutAll(length, offset); !st.ok()) return st;
+  behind_.WaitFor(offset, length);
   if (origin_.can_zero()) return origin_.Zero(length, offset, may_trim, fua);
   for (uint64_t done = 0; done < length;) {
     uint64_t n = std::min<uint64_t>(length - done, kCopyBuffer);
@@ -225,13 +272,20 @@ absl::Status SnapshotEngine::OriginZero(uint64_t length, uint64_t offset,
 absl::Status SnapshotEngine::OriginTrim(uint64_t length, uint64_t offset,
                                         bool fua) {
   // Advisory; while merging, discards change nothing (dm does the same).
-  if (!origin_.can_trim() || merging()) return absl::OkStatus();
+  if (!origin_.can_trim()) return absl::OkStatus();
   snap::ReaderMutexLock gate(&origin_gate_);
+  if (merging()) return absl::OkStatus();
   if (absl::Status st = CopyOutAll(length, offset); !st.ok()) return st;
+  behind_.WaitFor(offset, length);
   return origin_.Trim(length, offset, fua);
 }
 
 absl::Status SnapshotEngine::OriginFlush() {
+  // Acknowledged writes first; one that failed since the last flush
+  // fails this flush, as a failed write-back fails fsync.
+  if (absl::Status st = behind_.Drain(); !st.ok())
+    return ErrnoError(EIO, absl::StrCat("an acknowledged origin write failed: ",
+                                        st.message()));
   // While merging, the merged view lives in both the origin and the COW.
   if (std::shared_ptr<Snapshot> m = merging())
     if (absl::Status st = m->store->Flush(); !st.ok())
@@ -440,6 +494,7 @@ absl::Status SnapshotEngine::SnapTrim(Snapshot& s, uint64_t length,
 }
 
 absl::Status SnapshotEngine::SnapFlush(Snapshot& s) {
+  if (absl::Status st = CheckUsable(s); !st.ok()) return st;
   if (absl::Status st = s.store->Flush(); !st.ok()) return ErrnoError(EIO, st.message());
   return absl::OkStatus();
 }

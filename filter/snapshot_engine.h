@@ -15,6 +15,7 @@
 #include "store/sync.h"
 #include "filter/chunk_locks.h"
 #include "filter/origin_io.h"
+#include "filter/origin_write_behind.h"
 #include "store/exception_store.h"
 
 namespace snap {
@@ -38,7 +39,12 @@ struct Snapshot {
 
 class SnapshotEngine {
  public:
-  explicit SnapshotEngine(OriginIo& origin) : origin_(origin) {}
+  // Origin writes that must copy out wait for their commits in a queue of
+  // at most this many bytes, acknowledged already (origin_write_behind.h).
+  static constexpr uint64_t kWriteBehindBytes = 32 << 20;
+
+  explicit SnapshotEngine(OriginIo& origin)
+      : origin_(origin), behind_(origin, kWriteBehindBytes) {}
 
   // Snapshots are kept largest chunk first (dm: "sort by chunk size to fix
   // race").
@@ -59,6 +65,11 @@ class SnapshotEngine {
                           bool fua, bool fast);
   absl::Status OriginTrim(uint64_t length, uint64_t offset, bool fua);
   absl::Status OriginFlush();
+  // Returns once no acknowledged origin write overlapping the range is
+  // still queued: for origin I/O that bypasses the engine (extents).
+  void WaitOriginWrites(uint64_t offset, uint64_t length) {
+    behind_.WaitFor(offset, length);
+  }
 
   // A snapshot export.
   absl::Status SnapRead(Snapshot& s, std::span<char> buf, uint64_t offset);
@@ -75,8 +86,11 @@ class SnapshotEngine {
                                              bool in_cow)>& piece);
 
   // Makes sure every snapshot that takes copy-outs holds the old contents
-  // of [offset, offset+length) before the origin changes there.
-  absl::Status CopyOutAll(uint64_t length, uint64_t offset);
+  // of [offset, offset+length) before the origin changes there. With
+  // wait, durably; without, it names in *pending the stores that must
+  // still commit before the origin may change.
+  absl::Status CopyOutAll(uint64_t length, uint64_t offset, bool wait = true,
+                          std::vector<std::shared_ptr<ExceptionStore>>* pending = nullptr);
 
   // Merge (dm's snapshot-merge): while a snapshot merges, the origin
   // export shows the merged view, the snapshot takes no copy-outs, and
@@ -94,7 +108,11 @@ class SnapshotEngine {
   absl::Status MergedRead(Snapshot& m, std::span<char> buf, uint64_t offset);
   absl::Status MergedWrite(Snapshot& m, std::span<const char> data,
                            uint64_t length, uint64_t offset, bool fua);
-  absl::Status CopyOut(Snapshot& s, uint64_t length, uint64_t offset);
+  absl::Status OriginZeroLocked(uint64_t length, uint64_t offset, bool may_trim,
+                                bool fua, bool fast)
+      ABSL_SHARED_LOCKS_REQUIRED(origin_gate_);
+  absl::Status CopyOut(Snapshot& s, uint64_t length, uint64_t offset,
+                       bool wait, bool* pending);
   // Writes data (or zeros when data is empty and zero is set) into s.
   absl::Status SnapModify(Snapshot& s, std::span<const char> data,
                           uint64_t length, uint64_t offset, bool zero,
@@ -108,6 +126,9 @@ class SnapshotEngine {
   mutable snap::Mutex list_mu_;
   std::vector<std::shared_ptr<Snapshot>> snaps_ ABSL_GUARDED_BY(list_mu_);
   std::shared_ptr<Snapshot> merging_ ABSL_GUARDED_BY(list_mu_);
+  // Declared last: destroyed first, it writes out what it holds while the
+  // snapshots are still there.
+  OriginWriteBehind behind_;
 };
 
 }  // namespace snap

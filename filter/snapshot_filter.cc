@@ -82,11 +82,14 @@ std::string OriginDescription() {
 
 void FlushAll() {
   if (!g_engine) return;
+  // Acknowledged origin writes still queued go out first.
+  if (absl::Status st = g_engine->OriginFlush(); !st.ok())
+    nbdkit_error("snapshot: final flush of the origin: %s",
+                 std::string(st.message()).c_str());
   for (const auto& s : g_engine->List())
     if (absl::Status st = s->store->Flush(); !st.ok() && s->store->valid())
       nbdkit_error("snapshot %s: final flush: %s", s->name.c_str(),
                    std::string(st.message()).c_str());
-  (void)g_origin.Flush();
 }
 
 // snapshot-merge-exit: the merge thread ends the server.
@@ -390,6 +393,7 @@ int snapshot_extents(nbdkit_next*, void* handle, uint32_t count, uint64_t offset
     // still in the merging COW are data, whatever the origin says.
     std::shared_ptr<Snapshot> view = h.snap ? h.snap : g_engine->merging();
     if (!view) {
+      g_engine->WaitOriginWrites(offset, count);
       if (g_origin.Extents(count, offset, flags, extents, err) == -1)
         return ErrnoError(*err ? *err : EIO, "origin extents failed");
       return absl::OkStatus();

@@ -1,0 +1,136 @@
+#include "filter/origin_write_behind.h"
+
+#include <algorithm>
+#include <iterator>
+#include <utility>
+
+#include "absl/strings/str_format.h"
+#include "filter/log.h"
+
+namespace snap {
+
+OriginWriteBehind::OriginWriteBehind(OriginIo& origin, uint64_t max_bytes)
+    : origin_(origin), max_bytes_(max_bytes) {
+  committer_ = std::thread([this] { Commit(); });
+  issuer_ = std::thread([this] { Issue(); });
+}
+
+OriginWriteBehind::~OriginWriteBehind() {
+  {
+    snap::MutexLock l(&mu_);
+    stop_ = true;
+    cv_.SignalAll();
+  }
+  committer_.join();
+  issuer_.join();
+}
+
+void OriginWriteBehind::Queue(std::span<const char> data, uint64_t offset,
+                              std::vector<std::shared_ptr<ExceptionStore>> stores) {
+  Item item{offset, std::vector<char>(data.begin(), data.end()), std::move(stores)};
+  const uint64_t n = data.size();
+  snap::MutexLock l(&mu_);
+  // A full queue holds the client back: memory stays bounded, and a write
+  // larger than the whole queue still goes once the queue is empty.
+  while (bytes_ != 0 && bytes_ + n > max_bytes_) cv_.Wait(&mu_);
+  ranges_.emplace(offset, offset + n);
+  longest_ = std::max(longest_, n);
+  bytes_ += n;
+  pending_.store(ranges_.size());
+  queue_.push_back(std::move(item));
+  cv_.SignalAll();
+}
+
+bool OriginWriteBehind::OverlapsLocked(uint64_t offset, uint64_t length) const {
+  const uint64_t end = offset + length;
+  // Writes starting at or past end cannot overlap; walk back from there
+  // until a write would have to be longer than any queued to reach offset.
+  auto it = ranges_.lower_bound(end);
+  while (it != ranges_.begin()) {
+    --it;
+    if (it->first + longest_ <= offset) break;
+    if (it->second > offset) return true;
+  }
+  return false;
+}
+
+void OriginWriteBehind::WaitFor(uint64_t offset, uint64_t length) {
+  if (pending_.load() == 0 || length == 0) return;
+  snap::MutexLock l(&mu_);
+  while (OverlapsLocked(offset, length)) cv_.Wait(&mu_);
+}
+
+void OriginWriteBehind::WaitIdle() {
+  snap::MutexLock l(&mu_);
+  while (!ranges_.empty()) cv_.Wait(&mu_);
+}
+
+absl::Status OriginWriteBehind::Drain() {
+  snap::MutexLock l(&mu_);
+  while (!ranges_.empty()) cv_.Wait(&mu_);
+  return std::exchange(error_, absl::OkStatus());
+}
+
+void OriginWriteBehind::Commit() {
+  snap::MutexLock l(&mu_);
+  for (;;) {
+    while (queue_.empty() && !stop_) cv_.Wait(&mu_);
+    if (queue_.empty()) {  // stopping, and everything is committed
+      committer_done_ = true;
+      cv_.SignalAll();
+      return;
+    }
+    std::vector<Item> batch(std::make_move_iterator(queue_.begin()),
+                            std::make_move_iterator(queue_.end()));
+    queue_.clear();
+    mu_.Unlock();
+    // One group commit per store makes every copy-out of the batch durable
+    // (pipelined with the copies of the next batch). A store that fails it
+    // is invalid now and, as in dm, no longer holds the origin back.
+    std::vector<ExceptionStore*> stores;
+    for (const Item& item : batch)
+      for (const auto& s : item.stores)
+        if (std::find(stores.begin(), stores.end(), s.get()) == stores.end())
+          stores.push_back(s.get());
+    for (ExceptionStore* s : stores) (void)s->Flush();
+    mu_.Lock();
+    committed_.push_back(std::move(batch));
+    cv_.SignalAll();
+  }
+}
+
+void OriginWriteBehind::Issue() {
+  snap::MutexLock l(&mu_);
+  for (;;) {
+    while (committed_.empty() && !committer_done_) cv_.Wait(&mu_);
+    if (committed_.empty()) return;  // the committer is done, and so are we
+    std::vector<Item> batch = std::move(committed_.front());
+    committed_.pop_front();
+    mu_.Unlock();
+    absl::Status first;
+    for (const Item& item : batch) {
+      absl::Status st = origin_.Write(item.data, item.offset, false);
+      if (st.ok()) continue;
+      LogMessage(absl::StrFormat(
+          "origin write of %d bytes at %d failed after it was acknowledged "
+          "(the next flush reports it): %s",
+          item.data.size(), item.offset, st.message()));
+      if (first.ok()) first = st;
+    }
+    mu_.Lock();
+    for (const Item& item : batch) {
+      auto [lo, hi] = ranges_.equal_range(item.offset);
+      for (auto it = lo; it != hi; ++it)
+        if (it->second == item.offset + item.data.size()) {
+          ranges_.erase(it);
+          break;
+        }
+      bytes_ -= item.data.size();
+    }
+    pending_.store(ranges_.size());
+    if (!first.ok() && error_.ok()) error_ = first;
+    cv_.SignalAll();
+  }
+}
+
+}  // namespace snap

@@ -1,0 +1,264 @@
+// Origin writes that copy out are acknowledged before their copy-outs are
+// durable and reach the origin afterwards (filter/origin_write_behind.h).
+// These tests hold the COW file's syncs at a gate, so what is queued and
+// what has reached the origin is known exactly at each step:
+//
+// - no origin write is issued before every snapshot's exception for its
+//   chunks is durable (checked inside the origin's Write);
+// - an acknowledged write is not on the origin while its copy-out waits,
+//   and is after a flush; the snapshot keeps the old data;
+// - a queued write that fails later fails the next flush, once;
+// - a snapshot taken while writes are queued includes them: later
+//   copy-outs to it save their data, not the data before them.
+#include <stdlib.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "filter/snapshot_engine.h"
+#include "store/exception_store.h"
+#include "tests/fault_file.h"
+#include "tests/memory_origin.h"
+
+// Last: check.h defines macros that clash with the C++ library.
+#include <check.h>
+
+namespace {
+
+using snap::ExceptionStore;
+using snap::Snapshot;
+using snap::SnapshotEngine;
+using snaptest::FaultFile;
+
+#define CK_OK(expr)                                                          \
+  do {                                                                       \
+    const absl::Status st_ = (expr);                                         \
+    ck_assert_msg(st_.ok(), "%s failed: %s", #expr, st_.ToString().c_str()); \
+  } while (0)
+
+constexpr uint64_t kSize = 1 << 20;
+constexpr uint64_t kChunk = 4096;
+
+std::vector<char> Fill(size_t n, char value) { return std::vector<char>(n, value); }
+
+// A gate a sync waits at while it is closed.
+class Gate {
+ public:
+  void Close() {
+    std::lock_guard<std::mutex> l(mu_);
+    open_ = false;
+  }
+  void Open() {
+    std::lock_guard<std::mutex> l(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+  void Pass() {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return open_; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = true;
+};
+
+// The memory origin, with a check before every write and optional failures.
+class CheckedOrigin final : public snap::OriginIo {
+ public:
+  explicit CheckedOrigin(snap_test::MemoryOrigin& mem) : mem_(mem) {}
+  std::function<void(uint64_t offset, uint64_t length)> before_write;
+  std::atomic<bool> fail_writes{false};
+
+  uint64_t size() const override { return mem_.size(); }
+  bool can_write() const override { return true; }
+  bool can_zero() const override { return false; }
+  bool can_trim() const override { return false; }
+  bool can_fua() const override { return true; }
+  bool can_flush() const override { return true; }
+  absl::Status Read(std::span<char> buf, uint64_t offset) override {
+    return mem_.Read(buf, offset);
+  }
+  absl::Status Write(std::span<const char> buf, uint64_t offset, bool fua) override {
+    if (before_write) before_write(offset, buf.size());
+    if (fail_writes.load()) return absl::DataLossError("injected origin write error");
+    return mem_.Write(buf, offset, fua);
+  }
+  absl::Status Zero(uint64_t l, uint64_t o, bool t, bool f) override {
+    return mem_.Zero(l, o, t, f);
+  }
+  absl::Status Trim(uint64_t l, uint64_t o, bool f) override { return mem_.Trim(l, o, f); }
+  absl::Status Flush() override { return mem_.Flush(); }
+
+ private:
+  snap_test::MemoryOrigin& mem_;
+};
+
+// An origin of 'o' bytes, one engine, snapshots on FaultFiles whose syncs
+// pass a gate.
+struct Rig {
+  snap_test::MemoryOrigin mem{Fill(kSize, 'o')};
+  CheckedOrigin origin{mem};
+  Gate gate;
+  std::vector<std::unique_ptr<FaultFile>> disks;
+  std::mutex snaps_mu;
+  std::vector<std::shared_ptr<Snapshot>> snaps;  // taken, under snaps_mu
+  std::atomic<int> early_writes{0};  // origin writes before a durable copy-out
+  SnapshotEngine engine{origin};
+
+  Rig() {
+    origin.before_write = [this](uint64_t offset, uint64_t length) {
+      std::lock_guard<std::mutex> l(snaps_mu);
+      for (const auto& s : snaps) {
+        if (!s->store->valid()) continue;
+        for (uint64_t c = offset / kChunk; c <= (offset + length - 1) / kChunk; ++c) {
+          std::optional<snap::Exception> e = s->store->Lookup(c);
+          if (!e || !e->durable) ++early_writes;
+        }
+      }
+    };
+  }
+  std::shared_ptr<Snapshot> NewSnapshot(const std::string& name) {
+    disks.push_back(std::make_unique<FaultFile>(name + ".cow"));
+    snap::StoreOptions o;
+    o.type = snap::StoreType::kPersistent;
+    o.chunk_sectors = kChunk / 512;
+    absl::StatusOr<std::unique_ptr<ExceptionStore>> st = snap::OpenStore(disks.back()->Handle(), o);
+    ck_assert_msg(st.ok(), "%s", st.status().ToString().c_str());
+    disks.back()->set_sync_hook([this](uint64_t) { gate.Pass(); });
+    return std::make_shared<Snapshot>(name, name + ".cow", std::move(*st));
+  }
+  // Once Add returns, every origin write must find s's copy-outs durable.
+  void Take(const std::shared_ptr<Snapshot>& s) {
+    engine.Add(s);
+    std::lock_guard<std::mutex> l(snaps_mu);
+    snaps.push_back(s);
+  }
+  std::vector<char> Origin(uint64_t offset, uint64_t n) {
+    std::vector<char> all = mem.Contents();
+    return {all.begin() + static_cast<long>(offset), all.begin() + static_cast<long>(offset + n)};
+  }
+  std::vector<char> SnapRead(Snapshot& s, uint64_t offset, uint64_t n) {
+    std::vector<char> buf(n);
+    CK_OK(engine.SnapRead(s, buf, offset));
+    return buf;
+  }
+};
+
+START_TEST(write_waits_for_durable_copy_out) {
+  Rig r;
+  std::shared_ptr<Snapshot> s = r.NewSnapshot("s");
+  r.Take(s);
+  r.gate.Close();
+  // 8 KiB across chunks 1..3, not chunk-aligned: three copy-outs.
+  CK_OK(r.engine.OriginWrite(Fill(8192, 'A'), kChunk + 100, false));
+  // Acknowledged, but held: its copy-outs are not durable yet.
+  ck_assert(r.Origin(kChunk + 100, 8192) == Fill(8192, 'o'));
+  std::optional<snap::Exception> e = s->store->Lookup(2);
+  ck_assert(e.has_value() && !e->durable);
+  ck_assert(r.SnapRead(*s, kChunk, 3 * kChunk) == Fill(3 * kChunk, 'o'));
+  r.gate.Open();
+  CK_OK(r.engine.OriginFlush());
+  ck_assert(r.Origin(kChunk + 100, 8192) == Fill(8192, 'A'));
+  std::vector<char> got(8192);
+  CK_OK(r.engine.OriginRead(got, kChunk + 100));
+  ck_assert(got == Fill(8192, 'A'));
+  ck_assert(r.SnapRead(*s, kChunk, 3 * kChunk) == Fill(3 * kChunk, 'o'));
+  ck_assert_int_eq(r.early_writes.load(), 0);
+  // A durable exception needs no queue: the write goes straight through.
+  CK_OK(r.engine.OriginWrite(Fill(100, 'B'), kChunk + 200, false));
+  ck_assert(r.Origin(kChunk + 200, 100) == Fill(100, 'B'));
+  ck_assert_int_eq(r.early_writes.load(), 0);
+}
+END_TEST
+
+START_TEST(reads_and_writes_after_queued_writes_see_them) {
+  Rig r;
+  std::shared_ptr<Snapshot> s = r.NewSnapshot("s");
+  r.Take(s);
+  // Many small writes, some to the same chunks, in order: the last wins.
+  for (int i = 0; i < 200; ++i) {
+    const uint64_t off = static_cast<uint64_t>(i % 37) * 1000;
+    CK_OK(r.engine.OriginWrite(Fill(1500, static_cast<char>('a' + i % 26)), off, false));
+    std::vector<char> got(1500);
+    CK_OK(r.engine.OriginRead(got, off));
+    ck_assert_msg(got == Fill(1500, static_cast<char>('a' + i % 26)),
+                  "write %d at %llu not read back", i, static_cast<unsigned long long>(off));
+  }
+  CK_OK(r.engine.OriginFlush());
+  ck_assert_int_eq(r.early_writes.load(), 0);
+  ck_assert(r.SnapRead(*s, 0, 64 * kChunk) == Fill(64 * kChunk, 'o'));
+}
+END_TEST
+
+START_TEST(failed_queued_write_fails_next_flush) {
+  Rig r;
+  std::shared_ptr<Snapshot> s = r.NewSnapshot("s");
+  r.Take(s);
+  r.origin.fail_writes = true;
+  CK_OK(r.engine.OriginWrite(Fill(kChunk, 'A'), 5 * kChunk, false));
+  absl::Status st = r.engine.OriginFlush();
+  ck_assert_msg(!st.ok() && st.message().find("acknowledged origin write failed") !=
+                                std::string::npos,
+                "flush after a failed queued write: %s", st.ToString().c_str());
+  r.origin.fail_writes = false;
+  CK_OK(r.engine.OriginFlush());  // reported once
+  // The snapshot lost nothing; the origin still has its old data there.
+  ck_assert(r.SnapRead(*s, 5 * kChunk, kChunk) == Fill(kChunk, 'o'));
+  ck_assert(r.Origin(5 * kChunk, kChunk) == Fill(kChunk, 'o'));
+}
+END_TEST
+
+START_TEST(take_includes_queued_writes) {
+  Rig r;
+  std::shared_ptr<Snapshot> s1 = r.NewSnapshot("s1");
+  r.Take(s1);
+  r.gate.Close();
+  CK_OK(r.engine.OriginWrite(Fill(kChunk, 'A'), 7 * kChunk, false));
+  std::shared_ptr<Snapshot> s2 = r.NewSnapshot("s2");
+  std::atomic<bool> added{false};
+  std::thread taker([&] {
+    r.Take(s2);
+    added = true;
+  });
+  // The take waits for the queued write (which waits at the gate).
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  ck_assert_msg(!added.load(), "a take finished while an acknowledged write was queued");
+  r.gate.Open();
+  taker.join();
+  // s2's point in time includes the write; the next write copies it out.
+  CK_OK(r.engine.OriginWrite(Fill(kChunk, 'B'), 7 * kChunk, false));
+  CK_OK(r.engine.OriginFlush());
+  ck_assert(r.SnapRead(*s1, 7 * kChunk, kChunk) == Fill(kChunk, 'o'));
+  ck_assert(r.SnapRead(*s2, 7 * kChunk, kChunk) == Fill(kChunk, 'A'));
+  ck_assert(r.Origin(7 * kChunk, kChunk) == Fill(kChunk, 'B'));
+  ck_assert_int_eq(r.early_writes.load(), 0);
+}
+END_TEST
+
+}  // namespace
+
+int main() {
+  Suite* s = suite_create("write_behind");
+  TCase* tc = tcase_create("queue");
+  tcase_set_timeout(tc, 120);
+  tcase_add_test(tc, write_waits_for_durable_copy_out);
+  tcase_add_test(tc, reads_and_writes_after_queued_writes_see_them);
+  tcase_add_test(tc, failed_queued_write_fails_next_flush);
+  tcase_add_test(tc, take_includes_queued_writes);
+  suite_add_tcase(s, tc);
+  SRunner* sr = srunner_create(s);
+  srunner_run_all(sr, CK_NORMAL);
+  const int failed = srunner_ntests_failed(sr);
+  srunner_free(sr);
+  return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
