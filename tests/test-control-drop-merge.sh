@@ -83,6 +83,7 @@ wait $reader
 cat d1-result
 grep -qx 'read EIO' d1-result
 grep -qx 'write EIO' d1-result
+grep -qx 'flush EIO' d1-result
 [ "$(exports)" = "origin" ]
 ! ctl list | grep -q '^d1 '
 ! ctl status | grep -q '^d1:'
