@@ -92,7 +92,12 @@ void OriginWriteBehind::Commit() {
       for (const auto& s : item.stores)
         if (std::find(stores.begin(), stores.end(), s.get()) == stores.end())
           stores.push_back(s.get());
-    for (ExceptionStore* s : stores) (void)s->Flush();
+    // Stores are separate files: their syncs overlap.
+    std::vector<std::thread> others;
+    for (size_t i = 1; i < stores.size(); ++i)
+      others.emplace_back([s = stores[i]] { (void)s->Flush(); });
+    if (!stores.empty()) (void)stores[0]->Flush();
+    for (std::thread& t : others) t.join();
     mu_.Lock();
     committed_.push_back(std::move(batch));
     cv_.SignalAll();

@@ -20,7 +20,7 @@
 #include "tests/fault_file.h"
 
 // Last: check.h defines a macro named fail.
-#include <check.h>
+#include "tests/check_util.h"
 
 // ck_assert* records a mark point (a write to the test runner) on every
 // success, which is slow in loops: loops use these, which act only on failure.
@@ -40,12 +40,6 @@ using snap::WriteSource;
 using snaptest::Event;
 using snaptest::FaultFile;
 using snaptest::Op;
-
-#define ASSERT_OK(expr)                                                      \
-  do {                                                                       \
-    const absl::Status st_ = (expr);                                         \
-    ck_assert_msg(st_.ok(), "%s failed: %s", #expr, st_.ToString().c_str()); \
-  } while (0)
 
 #define ASSERT_STR_EQ(got, want)                       \
   do {                                                 \
@@ -785,11 +779,4 @@ Suite* MergeSuite() {
 
 }  // namespace
 
-int main() {
-  SRunner* sr = srunner_create(PowerLossSuite());
-  srunner_add_suite(sr, MergeSuite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed == 0 ? 0 : 1;
-}
+int main() { return snaptest::RunSuites({PowerLossSuite(), MergeSuite()}); }

@@ -49,7 +49,7 @@
 #include "tests/memory_origin.h"
 
 // Last: check.h defines macros that clash with the C++ library.
-#include <check.h>
+#include "tests/check_util.h"
 
 namespace {
 
@@ -146,12 +146,6 @@ std::shared_ptr<snap::Snapshot> OpenSnapshot(const std::string& name,
   return std::make_shared<snap::Snapshot>(name, path, std::move(*st));
 }
 
-#define CK_OK(expr)                                                  \
-  do {                                                               \
-    absl::Status _st = (expr);                                       \
-    ck_assert_msg(_st.ok(), "%s: %s", #expr, _st.ToString().c_str()); \
-  } while (0)
-
 // The first difference between a device and its model, as a message.
 std::string FirstDiff(const std::vector<char>& got,
                       const std::vector<char>& want, uint64_t chunk) {
@@ -219,31 +213,31 @@ START_TEST(parallel_io) {
           auto [off, len] = origin_part.Pick(t, r);
           const char v = static_cast<char>(64 + r() % 64);
           buf.assign(len, v);
-          CK_OK(engine.OriginWrite(buf, off, fua));
+          ASSERT_OK(engine.OriginWrite(buf, off, fua));
           std::memset(want_origin.data() + off, v, len);
           ops[0]++;
         } else if (what < 38) {  // origin zero
           auto [off, len] = origin_part.Pick(t, r);
-          CK_OK(engine.OriginZero(len, off, false, fua, false));
+          ASSERT_OK(engine.OriginZero(len, off, false, fua, false));
           std::memset(want_origin.data() + off, 0, len);
           ops[1]++;
         } else if (what < 66) {  // snapshot write
           auto [off, len] = w.part->Pick(t, r);
           const char v = static_cast<char>(SnapValueLow(j) + r() % 42);
           buf.assign(len, v);
-          CK_OK(engine.SnapWrite(*w.snap, buf, off, fua));
+          ASSERT_OK(engine.SnapWrite(*w.snap, buf, off, fua));
           std::memset(w.want.data() + off, v, len);
           ops[2]++;
         } else if (what < 72) {  // snapshot zero
           auto [off, len] = w.part->Pick(t, r);
-          CK_OK(engine.SnapZero(*w.snap, len, off, fua, false));
+          ASSERT_OK(engine.SnapZero(*w.snap, len, off, fua, false));
           std::memset(w.want.data() + off, 0, len);
           ops[3]++;
         } else if (what < 88) {  // snapshot read, checked
           const uint64_t len = 1 + r() % (160 << 10);
           const uint64_t off = r() % (kSize - len + 1);
           buf.resize(len);
-          CK_OK(engine.SnapRead(*rd.snap, buf, off));
+          ASSERT_OK(engine.SnapRead(*rd.snap, buf, off));
           const bool current = static_cast<size_t>(rd.id) >= first;
           const int rj = rd.id - static_cast<int>(first);
           for (uint64_t k = 0; k < len; ++k) {
@@ -265,7 +259,7 @@ START_TEST(parallel_io) {
           const uint64_t len = 1 + r() % (160 << 10);
           const uint64_t off = r() % (kSize - len + 1);
           buf.resize(len);
-          CK_OK(engine.OriginRead(buf, off));
+          ASSERT_OK(engine.OriginRead(buf, off));
           for (uint64_t k = 0; k < len; ++k) {
             const uint64_t p = off + k;
             const uint8_t v = static_cast<uint8_t>(buf[k]);
@@ -279,10 +273,10 @@ START_TEST(parallel_io) {
           }
           ops[5]++;
         } else if (what < 98) {
-          CK_OK(engine.SnapFlush(*w.snap));
+          ASSERT_OK(engine.SnapFlush(*w.snap));
           ops[6]++;
         } else {
-          CK_OK(engine.OriginFlush());
+          ASSERT_OK(engine.OriginFlush());
           ops[7]++;
         }
       }
@@ -311,7 +305,7 @@ START_TEST(parallel_io) {
     for (auto& st : all) {
       ck_assert_msg(st->snap->store->valid(), "snapshot %d invalid: %s", st->id,
                     st->snap->store->invalid_reason().c_str());
-      CK_OK(engine.SnapRead(*st->snap, got, 0));
+      ASSERT_OK(engine.SnapRead(*st->snap, got, 0));
       ck_assert_msg(got == st->want, "round %d: snapshot %d (chunk %u sectors): %s",
                     round, st->id, st->chunk_sectors,
                     FirstDiff(got, st->want, st->snap->chunk_bytes).c_str());
@@ -327,9 +321,9 @@ START_TEST(parallel_io) {
             st->id, st->chunk_sectors,
             (unsigned long long)st->snap->store->exception_count(),
             st->snap->store->StatusLine().c_str());
-    CK_OK(engine.SnapFlush(*st->snap));
+    ASSERT_OK(engine.SnapFlush(*st->snap));
     st->exceptions = st->snap->store->exception_count();
-    CK_OK(engine.Remove(st->snap->name));
+    ASSERT_OK(engine.Remove(st->snap->name));
     st->snap.reset();  // closes the store
   }
   MemoryOrigin origin2(origin.Contents());
@@ -341,10 +335,10 @@ START_TEST(parallel_io) {
     ck_assert_int_eq(s->store->chunk_sectors(), st->chunk_sectors);
     ck_assert_int_eq(s->store->exception_count(), st->exceptions);
     engine2.Add(s);
-    CK_OK(engine2.SnapRead(*s, got, 0));
+    ASSERT_OK(engine2.SnapRead(*s, got, 0));
     ck_assert_msg(got == st->want, "reopened snapshot %d: %s", st->id,
                   FirstDiff(got, st->want, s->chunk_bytes).c_str());
-    CK_OK(engine2.Remove(s->name));
+    ASSERT_OK(engine2.Remove(s->name));
   }
   RemoveDir(dir);
 }
@@ -377,7 +371,7 @@ START_TEST(live_take) {
       history[t].push_back({off, len, v});
       buf.assign(len, v);
       started[t].store(i + 1);
-      CK_OK(engine.OriginWrite(buf, off, false));
+      ASSERT_OK(engine.OriginWrite(buf, off, false));
       done[t].store(i + 1);
     }
   };
@@ -405,11 +399,11 @@ START_TEST(live_take) {
   for (std::thread& th : threads) th.join();
 
   std::vector<char> got(kSize);
-  CK_OK(engine.SnapRead(*early, got, 0));
+  ASSERT_OK(engine.SnapRead(*early, got, 0));
   ck_assert_msg(got == base, "early snapshot: %s",
                 FirstDiff(got, base, 4096).c_str());
 
-  CK_OK(engine.SnapRead(*late, got, 0));
+  ASSERT_OK(engine.SnapRead(*late, got, 0));
   for (int t = 0; t < kThreads; ++t) {
     ck_assert_int_le(lo[t], hi[t]);
     ck_assert_msg(static_cast<int>(history[t].size()) > hi[t],
@@ -442,8 +436,8 @@ START_TEST(live_take) {
                   "late snapshot: thread %d's bytes match no prefix of its "
                   "writes between %d and %d", t, lo[t], hi[t]);
   }
-  CK_OK(engine.Remove("early"));
-  CK_OK(engine.Remove("late"));
+  ASSERT_OK(engine.Remove("early"));
+  ASSERT_OK(engine.Remove("late"));
   RemoveDir(dir);
 }
 END_TEST
@@ -457,9 +451,5 @@ int main() {
   tcase_add_test(tc, parallel_io);
   tcase_add_test(tc, live_take);
   suite_add_tcase(s, tc);
-  SRunner* sr = srunner_create(s);
-  srunner_run_all(sr, CK_NORMAL);
-  const int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+  return snaptest::RunSuites({s});
 }

@@ -13,7 +13,7 @@
 #include "store/exception_table.h"
 
 // Last: check.h defines a macro named fail.
-#include <check.h>
+#include "tests/check_util.h"
 
 // ck_assert* records a mark point (a write to the test runner) on every
 // success, which is slow in loops: loops use these, which act only on failure.
@@ -549,11 +549,4 @@ Suite* TableSuite() {
 
 }  // namespace
 
-int main() {
-  SRunner* sr = srunner_create(FormatSuite());
-  srunner_add_suite(sr, TableSuite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed == 0 ? 0 : 1;
-}
+int main() { return snaptest::RunSuites({FormatSuite(), TableSuite()}); }

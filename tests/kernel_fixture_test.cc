@@ -26,7 +26,7 @@
 #include "tests/fault_file.h"
 
 // Last: check.h defines a macro named fail.
-#include <check.h>
+#include "tests/check_util.h"
 
 // ck_assert* records a mark point (a write to the test runner) on every
 // success, which is slow in loops: loops use these, which act only on failure.
@@ -42,12 +42,6 @@ using snap::StoreOptions;
 using snap::StoreType;
 using snap::WriteSource;
 using snaptest::FaultFile;
-
-#define ASSERT_OK(expr)                                                      \
-  do {                                                                       \
-    const absl::Status st_ = (expr);                                         \
-    ck_assert_msg(st_.ok(), "%s failed: %s", #expr, st_.ToString().c_str()); \
-  } while (0)
 
 namespace {
 
@@ -430,10 +424,4 @@ Suite* KernelSuite() {
 
 }  // namespace
 
-int main() {
-  SRunner* sr = srunner_create(KernelSuite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed == 0 ? 0 : 1;
-}
+int main() { return snaptest::RunSuites({KernelSuite()}); }

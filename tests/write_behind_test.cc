@@ -29,7 +29,7 @@
 #include "tests/memory_origin.h"
 
 // Last: check.h defines macros that clash with the C++ library.
-#include <check.h>
+#include "tests/check_util.h"
 
 namespace {
 
@@ -37,12 +37,6 @@ using snap::ExceptionStore;
 using snap::Snapshot;
 using snap::SnapshotEngine;
 using snaptest::FaultFile;
-
-#define CK_OK(expr)                                                          \
-  do {                                                                       \
-    const absl::Status st_ = (expr);                                         \
-    ck_assert_msg(st_.ok(), "%s failed: %s", #expr, st_.ToString().c_str()); \
-  } while (0)
 
 constexpr uint64_t kSize = 1 << 20;
 constexpr uint64_t kChunk = 4096;
@@ -149,7 +143,7 @@ struct Rig {
   }
   std::vector<char> SnapRead(Snapshot& s, uint64_t offset, uint64_t n) {
     std::vector<char> buf(n);
-    CK_OK(engine.SnapRead(s, buf, offset));
+    ASSERT_OK(engine.SnapRead(s, buf, offset));
     return buf;
   }
 };
@@ -160,22 +154,22 @@ START_TEST(write_waits_for_durable_copy_out) {
   r.Take(s);
   r.gate.Close();
   // 8 KiB across chunks 1..3, not chunk-aligned: three copy-outs.
-  CK_OK(r.engine.OriginWrite(Fill(8192, 'A'), kChunk + 100, false));
+  ASSERT_OK(r.engine.OriginWrite(Fill(8192, 'A'), kChunk + 100, false));
   // Acknowledged, but held: its copy-outs are not durable yet.
   ck_assert(r.Origin(kChunk + 100, 8192) == Fill(8192, 'o'));
   std::optional<snap::Exception> e = s->store->Lookup(2);
   ck_assert(e.has_value() && !e->durable);
   ck_assert(r.SnapRead(*s, kChunk, 3 * kChunk) == Fill(3 * kChunk, 'o'));
   r.gate.Open();
-  CK_OK(r.engine.OriginFlush());
+  ASSERT_OK(r.engine.OriginFlush());
   ck_assert(r.Origin(kChunk + 100, 8192) == Fill(8192, 'A'));
   std::vector<char> got(8192);
-  CK_OK(r.engine.OriginRead(got, kChunk + 100));
+  ASSERT_OK(r.engine.OriginRead(got, kChunk + 100));
   ck_assert(got == Fill(8192, 'A'));
   ck_assert(r.SnapRead(*s, kChunk, 3 * kChunk) == Fill(3 * kChunk, 'o'));
   ck_assert_int_eq(r.early_writes.load(), 0);
   // A durable exception needs no queue: the write goes straight through.
-  CK_OK(r.engine.OriginWrite(Fill(100, 'B'), kChunk + 200, false));
+  ASSERT_OK(r.engine.OriginWrite(Fill(100, 'B'), kChunk + 200, false));
   ck_assert(r.Origin(kChunk + 200, 100) == Fill(100, 'B'));
   ck_assert_int_eq(r.early_writes.load(), 0);
 }
@@ -188,13 +182,13 @@ START_TEST(reads_and_writes_after_queued_writes_see_them) {
   // Many small writes, some to the same chunks, in order: the last wins.
   for (int i = 0; i < 200; ++i) {
     const uint64_t off = static_cast<uint64_t>(i % 37) * 1000;
-    CK_OK(r.engine.OriginWrite(Fill(1500, static_cast<char>('a' + i % 26)), off, false));
+    ASSERT_OK(r.engine.OriginWrite(Fill(1500, static_cast<char>('a' + i % 26)), off, false));
     std::vector<char> got(1500);
-    CK_OK(r.engine.OriginRead(got, off));
+    ASSERT_OK(r.engine.OriginRead(got, off));
     ck_assert_msg(got == Fill(1500, static_cast<char>('a' + i % 26)),
                   "write %d at %llu not read back", i, static_cast<unsigned long long>(off));
   }
-  CK_OK(r.engine.OriginFlush());
+  ASSERT_OK(r.engine.OriginFlush());
   ck_assert_int_eq(r.early_writes.load(), 0);
   ck_assert(r.SnapRead(*s, 0, 64 * kChunk) == Fill(64 * kChunk, 'o'));
 }
@@ -205,13 +199,13 @@ START_TEST(failed_queued_write_fails_next_flush) {
   std::shared_ptr<Snapshot> s = r.NewSnapshot("s");
   r.Take(s);
   r.origin.fail_writes = true;
-  CK_OK(r.engine.OriginWrite(Fill(kChunk, 'A'), 5 * kChunk, false));
+  ASSERT_OK(r.engine.OriginWrite(Fill(kChunk, 'A'), 5 * kChunk, false));
   absl::Status st = r.engine.OriginFlush();
   ck_assert_msg(!st.ok() && st.message().find("acknowledged origin write failed") !=
                                 std::string::npos,
                 "flush after a failed queued write: %s", st.ToString().c_str());
   r.origin.fail_writes = false;
-  CK_OK(r.engine.OriginFlush());  // reported once
+  ASSERT_OK(r.engine.OriginFlush());  // reported once
   // The snapshot lost nothing; the origin still has its old data there.
   ck_assert(r.SnapRead(*s, 5 * kChunk, kChunk) == Fill(kChunk, 'o'));
   ck_assert(r.Origin(5 * kChunk, kChunk) == Fill(kChunk, 'o'));
@@ -223,7 +217,7 @@ START_TEST(take_includes_queued_writes) {
   std::shared_ptr<Snapshot> s1 = r.NewSnapshot("s1");
   r.Take(s1);
   r.gate.Close();
-  CK_OK(r.engine.OriginWrite(Fill(kChunk, 'A'), 7 * kChunk, false));
+  ASSERT_OK(r.engine.OriginWrite(Fill(kChunk, 'A'), 7 * kChunk, false));
   std::shared_ptr<Snapshot> s2 = r.NewSnapshot("s2");
   std::atomic<bool> added{false};
   std::thread taker([&] {
@@ -236,8 +230,8 @@ START_TEST(take_includes_queued_writes) {
   r.gate.Open();
   taker.join();
   // s2's point in time includes the write; the next write copies it out.
-  CK_OK(r.engine.OriginWrite(Fill(kChunk, 'B'), 7 * kChunk, false));
-  CK_OK(r.engine.OriginFlush());
+  ASSERT_OK(r.engine.OriginWrite(Fill(kChunk, 'B'), 7 * kChunk, false));
+  ASSERT_OK(r.engine.OriginFlush());
   ck_assert(r.SnapRead(*s1, 7 * kChunk, kChunk) == Fill(kChunk, 'o'));
   ck_assert(r.SnapRead(*s2, 7 * kChunk, kChunk) == Fill(kChunk, 'A'));
   ck_assert(r.Origin(7 * kChunk, kChunk) == Fill(kChunk, 'B'));
@@ -256,9 +250,5 @@ int main() {
   tcase_add_test(tc, failed_queued_write_fails_next_flush);
   tcase_add_test(tc, take_includes_queued_writes);
   suite_add_tcase(s, tc);
-  SRunner* sr = srunner_create(s);
-  srunner_run_all(sr, CK_NORMAL);
-  const int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+  return snaptest::RunSuites({s});
 }
