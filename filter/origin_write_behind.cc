@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <iterator>
+#include <system_error>
 #include <utility>
 
 #include "absl/strings/str_format.h"
@@ -92,10 +93,16 @@ void OriginWriteBehind::Commit() {
       for (const auto& s : item.stores)
         if (std::find(stores.begin(), stores.end(), s.get()) == stores.end())
           stores.push_back(s.get());
-    // Stores are separate files: their syncs overlap.
+    // Stores are separate files: their syncs overlap. Without a thread
+    // (none to be had), a store is flushed here instead.
     std::vector<std::thread> others;
-    for (size_t i = 1; i < stores.size(); ++i)
-      others.emplace_back([s = stores[i]] { (void)s->Flush(); });
+    for (size_t i = 1; i < stores.size(); ++i) {
+      try {
+        others.emplace_back([s = stores[i]] { (void)s->Flush(); });
+      } catch (const std::system_error&) {
+        (void)stores[i]->Flush();
+      }
+    }
     if (!stores.empty()) (void)stores[0]->Flush();
     for (std::thread& t : others) t.join();
     mu_.Lock();
