@@ -20,7 +20,7 @@ OriginWriteBehind::~OriginWriteBehind() {
   {
     snap::MutexLock l(&mu_);
     stop_ = true;
-    cv_.SignalAll();
+    queued_cv_.Signal();
   }
   committer_.join();
   issuer_.join();
@@ -33,13 +33,13 @@ void OriginWriteBehind::Queue(std::span<const char> data, uint64_t offset,
   snap::MutexLock l(&mu_);
   // A full queue holds the client back: memory stays bounded, and a write
   // larger than the whole queue still goes once the queue is empty.
-  while (bytes_ != 0 && bytes_ + n > max_bytes_) cv_.Wait(&mu_);
+  while (bytes_ != 0 && bytes_ + n > max_bytes_) done_cv_.Wait(&mu_);
   ranges_.emplace(offset, offset + n);
   longest_ = std::max(longest_, n);
   bytes_ += n;
   pending_.store(ranges_.size());
   queue_.push_back(std::move(item));
-  cv_.SignalAll();
+  queued_cv_.Signal();
 }
 
 bool OriginWriteBehind::OverlapsLocked(uint64_t offset, uint64_t length) const {
@@ -58,27 +58,27 @@ bool OriginWriteBehind::OverlapsLocked(uint64_t offset, uint64_t length) const {
 void OriginWriteBehind::WaitFor(uint64_t offset, uint64_t length) {
   if (pending_.load() == 0 || length == 0) return;
   snap::MutexLock l(&mu_);
-  while (OverlapsLocked(offset, length)) cv_.Wait(&mu_);
+  while (OverlapsLocked(offset, length)) done_cv_.Wait(&mu_);
 }
 
 void OriginWriteBehind::WaitIdle() {
   snap::MutexLock l(&mu_);
-  while (!ranges_.empty()) cv_.Wait(&mu_);
+  while (!ranges_.empty()) done_cv_.Wait(&mu_);
 }
 
 absl::Status OriginWriteBehind::Drain() {
   snap::MutexLock l(&mu_);
-  while (!ranges_.empty()) cv_.Wait(&mu_);
+  while (!ranges_.empty()) done_cv_.Wait(&mu_);
   return std::exchange(error_, absl::OkStatus());
 }
 
 void OriginWriteBehind::Commit() {
   snap::MutexLock l(&mu_);
   for (;;) {
-    while (queue_.empty() && !stop_) cv_.Wait(&mu_);
+    while (queue_.empty() && !stop_) queued_cv_.Wait(&mu_);
     if (queue_.empty()) {  // stopping, and everything is committed
       committer_done_ = true;
-      cv_.SignalAll();
+      committed_cv_.Signal();
       return;
     }
     std::vector<Item> batch(std::make_move_iterator(queue_.begin()),
@@ -107,14 +107,14 @@ void OriginWriteBehind::Commit() {
     for (std::thread& t : others) t.join();
     mu_.Lock();
     committed_.push_back(std::move(batch));
-    cv_.SignalAll();
+    committed_cv_.Signal();
   }
 }
 
 void OriginWriteBehind::Issue() {
   snap::MutexLock l(&mu_);
   for (;;) {
-    while (committed_.empty() && !committer_done_) cv_.Wait(&mu_);
+    while (committed_.empty() && !committer_done_) committed_cv_.Wait(&mu_);
     if (committed_.empty()) return;  // the committer is done, and so are we
     std::vector<Item> batch = std::move(committed_.front());
     committed_.pop_front();
@@ -141,7 +141,7 @@ void OriginWriteBehind::Issue() {
     }
     pending_.store(ranges_.size());
     if (!first.ok() && error_.ok()) error_ = first;
-    cv_.SignalAll();
+    done_cv_.SignalAll();
   }
 }
 

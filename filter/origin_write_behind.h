@@ -65,7 +65,11 @@ class OriginWriteBehind {
   OriginIo& origin_;
   const uint64_t max_bytes_;
   mutable snap::Mutex mu_;
-  snap::CondVar cv_;
+  // One condition per kind of waiter, so a queued write wakes only the
+  // committer, not the issuer and every client waiting for an overlap.
+  snap::CondVar queued_cv_;     // the committer: queue_ has work, or stop_
+  snap::CondVar committed_cv_;  // the issuer: committed_ has work, or done
+  snap::CondVar done_cv_;       // clients: writes finished, space freed
   std::deque<Item> queue_ ABSL_GUARDED_BY(mu_);  // waiting for the committer
   std::deque<std::vector<Item>> committed_ ABSL_GUARDED_BY(mu_);  // for the issuer
   // Every write queued or being written: start -> end, for overlap checks.
