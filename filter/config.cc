@@ -1,6 +1,7 @@
 #include "filter/config.h"
 
 #include <cctype>
+#include <filesystem>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_format.h"
@@ -26,6 +27,12 @@ absl::StatusOr<bool> ParseBool(std::string_view key, std::string_view v) {
 }
 
 }  // namespace
+
+std::string AbsolutePath(const std::string& path) {
+  std::error_code ec;
+  std::filesystem::path p = std::filesystem::absolute(path, ec);
+  return ec ? path : p.lexically_normal().string();
+}
 
 absl::Status ValidateSnapshotName(std::string_view name) {
   if (name.empty() || name.size() > 64)
@@ -64,6 +71,9 @@ absl::StatusOr<bool> FilterConfig::Set(std::string_view key,
     if (spec.path.empty())
       return absl::InvalidArgumentError(
           absl::StrFormat("snapshot=%s: no COW file given", v));
+    // nbdkit runs in / once in the background: name the file as the user
+    // meant it, in list, status and logs.
+    spec.path = AbsolutePath(spec.path);
     if (absl::Status st = ValidateSnapshotName(spec.name); !st.ok())
       return absl::InvalidArgumentError(absl::StrFormat(
           "snapshot=%s: %s; give one as snapshot=NAME=FILE", v, st.message()));

@@ -38,5 +38,8 @@ inline constexpr char kOriginExport[] = "origin";
 
 // Names: letters, digits, '-', '_', '.', at most 64 bytes, not "origin".
 absl::Status ValidateSnapshotName(std::string_view name);
+// PATH against the current directory, normalized; PATH itself when the
+// current directory cannot be had.
+std::string AbsolutePath(const std::string& path);
 
 }  // namespace snap

@@ -50,6 +50,16 @@ std::string Take(ControlContext& ctx, const std::vector<std::string>& w) {
   if (absl::Status st = ValidateSnapshotName(name); !st.ok()) return Err(st.message());
   if (ctx.engine->Find(name))
     return Err(absl::StrFormat("a snapshot named %s exists already", name));
+  const std::string& file = w[2];
+  for (unsigned char c : file)
+    if (c < ' ' || c == 0x7f)
+      return Err("FILE contains a control character: choose another file name");
+  // The server's working directory is not the client's (a daemonized
+  // nbdkit's is /): a relative name would land somewhere unexpected.
+  if (file.front() != '/')
+    return Err(absl::StrFormat(
+        "FILE %s is relative: give an absolute path (nbdsnap -c does that "
+        "for you)", file));
   StoreOptions opts = ctx.defaults;
   if (w.size() >= 4) {
     absl::StatusOr<uint32_t> cs = ParseChunkSize(w[3]);

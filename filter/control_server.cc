@@ -8,8 +8,10 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <utility>
 
 #include "absl/strings/str_format.h"
+#include "filter/config.h"
 #include "filter/log.h"
 
 namespace snap {
@@ -63,7 +65,8 @@ absl::Status ControlServer::Bind(const std::string& path) {
     return SysError(err, absl::StrFormat("snapshot-control=%s: listen", path));
   }
   listen_fd_ = fd;
-  path_ = path;
+  // Absolute: nbdkit moves to / when it forks, and must still remove it.
+  path_ = AbsolutePath(path);
   return absl::OkStatus();
 }
 
@@ -109,57 +112,78 @@ void ControlServer::Stop() {
   }
 }
 
+void ControlServer::RemoveSocketFile() {
+  if (started_ && listen_fd_ >= 0) ::unlink(path_.c_str());
+}
+
 gboolean ControlServer::OnAccept(gint fd, GIOCondition, gpointer data) {
   auto* self = static_cast<ControlServer*>(data);
-  int c = ::accept4(fd, nullptr, nullptr, SOCK_CLOEXEC);
+  int c = ::accept4(fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
   if (c < 0) return G_SOURCE_CONTINUE;
-  // A client that stops reading cannot stall the server for long.
-  struct timeval tv = {5, 0};
-  ::setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
   auto client = std::make_unique<Client>();
   client->fd = c;
-  client->source = g_unix_fd_source_new(c, static_cast<GIOCondition>(G_IO_IN | G_IO_HUP | G_IO_ERR));
-  g_source_set_callback(client->source, G_SOURCE_FUNC(OnClient),
-                        self, nullptr);
-  g_source_attach(client->source, self->context_);
+  self->Watch(*client);
   self->clients_[c] = std::move(client);
   return G_SOURCE_CONTINUE;
 }
 
-void ControlServer::Reply(Client& c, const std::string& text) {
-  size_t done = 0;
-  while (done < text.size()) {
-    ssize_t n = ::send(c.fd, text.data() + done, text.size() - done, MSG_NOSIGNAL);
-    if (n <= 0) {
-      if (n < 0 && errno == EINTR) continue;
-      return;  // the client went away or stalled; it is dropped on read
-    }
-    done += static_cast<size_t>(n);
+void ControlServer::Watch(Client& c) {
+  int want = (c.eof ? 0 : G_IO_IN) | (c.out.empty() ? 0 : G_IO_OUT);
+  if (c.source != nullptr && want == c.watching) return;
+  if (c.source != nullptr) {
+    g_source_destroy(c.source);
+    g_source_unref(c.source);
   }
+  c.watching = static_cast<GIOCondition>(want);
+  // HUP and ERR are always reported, so a vanished client is noticed even
+  // while only output is watched.
+  c.source = g_unix_fd_source_new(c.fd, static_cast<GIOCondition>(want | G_IO_HUP | G_IO_ERR));
+  g_source_set_callback(c.source, G_SOURCE_FUNC(OnClient), this, nullptr);
+  g_source_attach(c.source, context_);
 }
 
-gboolean ControlServer::OnClient(gint fd, GIOCondition, gpointer data) {
-  auto* self = static_cast<ControlServer*>(data);
-  auto it = self->clients_.find(fd);
-  if (it == self->clients_.end()) return G_SOURCE_REMOVE;
-  Client& c = *it->second;
+bool ControlServer::SendReplies(Client& c) {
+  while (!c.out.empty()) {
+    ssize_t n = ::send(c.fd, c.out.data(), c.out.size(), MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+    if (n <= 0) return false;  // the client went away
+    c.out.erase(0, static_cast<size_t>(n));
+  }
+  if (c.out.size() > kMaxControlBacklog) {
+    LogMessage(absl::StrFormat(
+        "control: dropped a client that left %d bytes of replies unread",
+        c.out.size()));
+    return false;
+  }
+  return true;
+}
+
+void ControlServer::RunLine(Client& c, std::string line) {
+  if (!line.empty() && line.back() == '\r') line.pop_back();
+  c.out += RunControlCommand(ctx_, line);
+}
+
+bool ControlServer::ReadCommands(Client& c) {
   char buf[4096];
-  ssize_t n = ::recv(fd, buf, sizeof buf, 0);
-  if (n <= 0) {
-    if (n < 0 && (errno == EINTR || errno == EAGAIN)) return G_SOURCE_CONTINUE;
-    self->Drop(fd);  // end of file, or a broken client
-    return G_SOURCE_REMOVE;
+  ssize_t n = ::recv(c.fd, buf, sizeof buf, 0);
+  if (n < 0) return errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK;
+  if (n == 0) {
+    // A last command without its newline still gets its reply.
+    c.eof = true;
+    if (!c.in.empty() && !c.skipping) RunLine(c, std::exchange(c.in, {}));
+    return true;
   }
   c.in.append(buf, static_cast<size_t>(n));
   for (;;) {
     size_t nl = c.in.find('\n');
     if (nl == std::string::npos) {
       if (c.in.size() > kMaxControlLine) {
-        if (!c.skipping) self->Reply(c, "ERR line too long\n");
+        if (!c.skipping) c.out += "ERR line too long\n";
         c.skipping = true;
         c.in.clear();
       }
-      break;
+      return true;
     }
     std::string line = c.in.substr(0, nl);
     c.in.erase(0, nl + 1);
@@ -167,10 +191,27 @@ gboolean ControlServer::OnClient(gint fd, GIOCondition, gpointer data) {
       c.skipping = false;
       continue;
     }
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    self->Reply(c, RunControlCommand(self->ctx_, line));
+    RunLine(c, std::move(line));
   }
-  return G_SOURCE_CONTINUE;
+}
+
+gboolean ControlServer::OnClient(gint fd, GIOCondition cond, gpointer data) {
+  auto* self = static_cast<ControlServer*>(data);
+  auto it = self->clients_.find(fd);
+  if (it == self->clients_.end()) return G_SOURCE_REMOVE;
+  Client& c = *it->second;
+  bool keep = true;
+  if (!c.eof && (cond & (G_IO_IN | G_IO_HUP | G_IO_ERR)) != 0) keep = self->ReadCommands(c);
+  if (keep) keep = self->SendReplies(c);
+  // A hang-up with nothing left to read: the client is gone.
+  if (keep && c.eof && (c.out.empty() || (cond & (G_IO_HUP | G_IO_ERR)) != 0)) keep = false;
+  if (!keep) {
+    self->Drop(fd);
+    return G_SOURCE_REMOVE;
+  }
+  GSource* before = c.source;
+  self->Watch(c);
+  return c.source == before ? G_SOURCE_CONTINUE : G_SOURCE_REMOVE;
 }
 
 void ControlServer::Drop(int fd) {

@@ -14,6 +14,10 @@
 
 namespace snap {
 
+// Replies a client may leave unread before it is dropped: the server never
+// blocks on a client, and one that never reads cannot make it hold more.
+inline constexpr size_t kMaxControlBacklog = 1 << 20;
+
 class ControlServer {
  public:
   ~ControlServer() { Stop(); }
@@ -24,18 +28,31 @@ class ControlServer {
   void Start(ControlContext ctx);
   // Stops the thread, closes every client, removes the socket.
   void Stop();
+  // Only removes the socket file: for a process about to _exit, where
+  // joining the server's thread could wait on the caller.
+  void RemoveSocketFile();
 
  private:
   struct Client {
     int fd = -1;
     std::string in;
+    std::string out;        // replies the client has not read yet
     bool skipping = false;  // inside an overlong line
+    bool eof = false;       // the client sent all it will send
     GSource* source = nullptr;
+    GIOCondition watching = static_cast<GIOCondition>(0);
   };
   static gboolean OnAccept(gint fd, GIOCondition cond, gpointer self);
   static gboolean OnClient(gint fd, GIOCondition cond, gpointer self);
+  // Reads what the client sent and runs each complete line (and, at end
+  // of file, an unterminated last one). False: drop the client.
+  bool ReadCommands(Client& c);
+  void RunLine(Client& c, std::string line);
+  // Sends what it can without blocking. False: drop the client.
+  bool SendReplies(Client& c);
+  // Watches for input until end of file, for output while replies wait.
+  void Watch(Client& c);
   void Drop(int fd);
-  void Reply(Client& c, const std::string& text);
 
   std::string path_;
   int listen_fd_ = -1;

@@ -103,6 +103,7 @@ void MergeDone(bool ok) {
   // durable already, so flush once more and leave with status 1.
   nbdkit_error("snapshot: merge failed; exiting (restart to resume it)");
   FlushAll();
+  g_control.RemoveSocketFile();
   _exit(1);
 }
 

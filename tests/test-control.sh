@@ -81,7 +81,7 @@ rc=0; "$NBDSNAP" -c ctl take 2> err || rc=$?
 [ $rc -eq 2 ]
 "$NBDSNAP" -c ctl take t3 t3.cow --chunk-size 64k --store N
 "$NBDSNAP" -c ctl list | tee list.txt
-grep -q '^t3 t3.cow N 65536 ' list.txt
+grep -q "^t3 $tmp/t3.cow N 65536 " list.txt
 "$NBDSNAP" -c ctl status --json | python3 -c '
 import json, sys
 j = json.load(sys.stdin)

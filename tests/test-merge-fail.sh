@@ -2,7 +2,8 @@
 # A merge that fails (reference §4.11): origin writes fail with EIO from
 # nbdkit's error filter stacked under ours, while $tmp/inject exists.
 #  A. Failing from the first step:
-#     * with snapshot-merge-exit=true nbdkit exits 1 by itself, saying why;
+#     * with snapshot-merge-exit=true nbdkit exits 1 by itself, saying why,
+#       and removes its control socket;
 #       nothing is lost: served without the merge, m's and s's views are
 #       unchanged, nbdsnap check passes;
 #     * without it, nbdkit stays up: the origin's description (nbdinfo
@@ -165,9 +166,10 @@ rm -f "$sock"
 rc=0
 timeout 60 nbdkit -f -v -U "$sock" --filter="$FILTER" --filter=error file origin.img \
     snapshot=m=m.cow snapshot=s=s.cow snapshot-merge=m snapshot-merge-exit=true \
-    "${errargs[@]}" 2> a1.log || rc=$?
+    snapshot-control=a1.ctl "${errargs[@]}" 2> a1.log || rc=$?
 grep -E 'merge of m|merge failed' a1.log || :
 [ $rc -eq 1 ] || fail "A1: a failed merge with snapshot-merge-exit=true exited $rc, not 1"
+[ ! -e a1.ctl ] || fail "A1: the exit left the control socket behind"
 grep -q 'merge of m failed' a1.log || fail "A1: no 'merge of m failed' in the log"
 grep -q 'error: .*merge failed' a1.log || fail "A1: no error message about the failed merge"
 cmp origin.img origin-before.img || fail "A1: the origin file changed"

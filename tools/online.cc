@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <optional>
 #include <string>
 #include <vector>
@@ -167,7 +168,13 @@ int RunOnline(const char* socket_path, int argc, char** argv) {
     const std::optional<std::string> chunk = cl.string("chunk-size");
     const std::optional<std::string> store = cl.string("store");
     if (!chunk && store) return cl.UsageError("--store needs --chunk-size too");
-    line = absl::StrCat("take ", args[0], " ", args[1]);
+    // The server resolves nothing against our working directory.
+    std::error_code ec;
+    std::filesystem::path file = std::filesystem::absolute(args[1], ec);
+    if (ec)
+      return cl.UsageError(absl::StrFormat("cannot make %s absolute: %s", args[1],
+                                           ec.message()));
+    line = absl::StrCat("take ", args[0], " ", file.lexically_normal().string());
     if (chunk) absl::StrAppend(&line, " ", *chunk);
     if (store) absl::StrAppend(&line, " ", *store);
   } else {
