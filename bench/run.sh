@@ -100,6 +100,15 @@ for rep in $(seq 1 "$REPS"); do
   v=$(fio_run originw --rw=randwrite --bs=64k --iodepth=16)
   stop_server
   R[passthrough,originwrite]+="$v "
+  # The disk's own ceiling for durable data: the same amount written to a
+  # file here and synced once. Copy-outs must be durable before their
+  # origin writes go out, so origin writes cannot outrun it for long.
+  rm -f ceiling.dat
+  v=$(fio --name=b --filename=ceiling.dat --ioengine=psync --rw=write --bs=1M \
+        --size="${SIZE}M" --end_fsync=1 --output-format=json |
+      python3 -c 'import json,sys; t=sys.stdin.read(); print(json.loads(t[t.index("{"):])["jobs"][0]["write"]["bw"])')
+  rm -f ceiling.dat
+  R[disk,sync]+="$v "
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
@@ -124,5 +133,8 @@ report() {
     printf '| origin 64k randwrite, %s snapshot(s) | %s (%.2f) |\n' "${t#origin}" "$m" \
       "$(awk -v a="$m" -v b="$base" 'BEGIN{print b ? a/b : 0}')"
   done
+  local m; m=$(echo "${R[disk,sync]}" | median)
+  printf '| disk ceiling: write and sync %d MiB to a file | %s (%.2f) |\n' "$SIZE" "$m" \
+    "$(awk -v a="$m" -v b="$base" 'BEGIN{print b ? a/b : 0}')"
 }
 if [ -n "$OUT" ]; then report | tee "$OUT"; else report; fi

@@ -136,7 +136,6 @@ absl::Status SnapshotEngine::MergedWrite(Snapshot& m, std::span<const char> data
     zeros.assign(n, 0);
     return zeros;
   };
-  bool cow_written = false;
   for (uint64_t c = first; c <= last; ++c) {
     const uint64_t cstart = c << m.shift;
     const uint64_t a = std::max(cstart, offset);
@@ -147,18 +146,16 @@ absl::Status SnapshotEngine::MergedWrite(Snapshot& m, std::span<const char> data
                                                 piece_of(a, b - a));
           !st.ok())
         return ErrnoError(EIO, st.message());
-      cow_written = true;
       continue;
     }
     // Already on the origin: an origin write, copy-outs included.
     if (absl::Status st = CopyOutAll(b - a, a); !st.ok()) return st;
     behind_.WaitFor(a, b - a);  // queued before the merge finished
-    if (absl::Status st = origin_.Write(piece_of(a, b - a), a, fua); !st.ok())
+    if (absl::Status st = origin_.Write(piece_of(a, b - a), a, false); !st.ok())
       return st;
   }
-  if (fua && cow_written)
-    if (absl::Status st = m.store->Flush(); !st.ok()) return ErrnoError(EIO, st.message());
-  return absl::OkStatus();
+  // FUA: this and every earlier write durable, in the COW and the origin.
+  return fua ? OriginFlush() : absl::OkStatus();
 }
 
 }  // namespace snap

@@ -28,7 +28,7 @@ OriginWriteBehind::~OriginWriteBehind() {
 
 void OriginWriteBehind::Queue(std::span<const char> data, uint64_t offset,
                               std::vector<std::shared_ptr<ExceptionStore>> stores) {
-  Item item{offset, std::vector<char>(data.begin(), data.end()), std::move(stores)};
+  Item item{0, offset, std::vector<char>(data.begin(), data.end()), std::move(stores)};
   const uint64_t n = data.size();
   snap::MutexLock l(&mu_);
   // A full queue holds the client back: memory stays bounded, and a write
@@ -37,6 +37,7 @@ void OriginWriteBehind::Queue(std::span<const char> data, uint64_t offset,
   ranges_.emplace(offset, offset + n);
   longest_ = std::max(longest_, n);
   bytes_ += n;
+  item.seq = ++queued_seq_;
   pending_.store(ranges_.size());
   queue_.push_back(std::move(item));
   queued_cv_.Signal();
@@ -68,7 +69,8 @@ void OriginWriteBehind::WaitIdle() {
 
 absl::Status OriginWriteBehind::Drain() {
   snap::MutexLock l(&mu_);
-  while (!ranges_.empty()) done_cv_.Wait(&mu_);
+  const uint64_t target = queued_seq_;
+  while (issued_seq_ < target) done_cv_.Wait(&mu_);
   return std::exchange(error_, absl::OkStatus());
 }
 
@@ -139,6 +141,7 @@ void OriginWriteBehind::Issue() {
         }
       bytes_ -= item.data.size();
     }
+    if (!batch.empty()) issued_seq_ = batch.back().seq;
     pending_.store(ranges_.size());
     if (!first.ok() && error_.ok()) error_ = first;
     done_cv_.SignalAll();

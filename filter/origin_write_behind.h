@@ -44,13 +44,15 @@ class OriginWriteBehind {
   void WaitFor(uint64_t offset, uint64_t length);
   // Returns once nothing is queued.
   void WaitIdle();
-  // The same, returning (and forgetting) the first error a queued write
-  // met since the last Drain: a flush must report it, as fsync reports a
-  // failed write-back.
+  // Returns once every write queued before the call has been written
+  // (later ones, from other clients, do not hold it up), with (and
+  // forgetting) the first error a queued write met since the last Drain:
+  // a flush must report it, as fsync reports a failed write-back.
   absl::Status Drain();
 
  private:
   struct Item {
+    uint64_t seq;  // queue order: the issuer finishes items in this order
     uint64_t offset;
     std::vector<char> data;
     std::vector<std::shared_ptr<ExceptionStore>> stores;
@@ -76,6 +78,8 @@ class OriginWriteBehind {
   std::multimap<uint64_t, uint64_t> ranges_ ABSL_GUARDED_BY(mu_);
   uint64_t longest_ ABSL_GUARDED_BY(mu_) = 0;  // longest write ever queued
   uint64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;    // data queued or being written
+  uint64_t queued_seq_ ABSL_GUARDED_BY(mu_) = 0;  // the last write queued
+  uint64_t issued_seq_ ABSL_GUARDED_BY(mu_) = 0;  // every one to here written
   absl::Status error_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   bool committer_done_ ABSL_GUARDED_BY(mu_) = false;
