@@ -30,6 +30,7 @@ void ExceptionTable::SetOld(uint32_t slot, uint64_t old_chunk) {
 }
 
 uint64_t ExceptionTable::OldOf(uint32_t slot) const {
+  if ((slot >> kBlockBits) >= old_lo_.size()) return UINT64_MAX;  // never set
   uint64_t lo = old_lo_[slot >> kBlockBits][slot & ((1u << kBlockBits) - 1)];
   if (old_hi_.empty()) return lo;
   auto it = old_hi_.find(slot);
@@ -53,8 +54,11 @@ void ExceptionTable::Insert(uint64_t old_chunk, uint32_t slot) {
       ++r.length;
       return;
     }
-  } else if (off > 0 && slot > 0) {
-    // The previous chunk, mapped to the previous slot, starts a run.
+  } else if (off > 0 && slot > 0 && OldOf(slot - 1) == old_chunk - 1) {
+    // The previous chunk, mapped to the previous slot, starts a run. The
+    // slot array rules out most random inserts without probing the set
+    // (a cache miss per exception when a big store loads); the set then
+    // confirms that slot is still a lone exception.
     auto prev = singles_.find(OldKey{old_chunk - 1});
     if (prev != singles_.end() && *prev + 1 == slot) {
       singles_.erase(prev);
@@ -108,6 +112,15 @@ bool ExceptionTable::Erase(uint64_t old_chunk) {
   old_hi_.erase(slot);
   --size_;
   return true;
+}
+
+void ExceptionTable::FitToSize() {
+  // The capacity inserting one by one would have reached (2^k - 1, at
+  // most 7/8 full): more than that is room runs left unused. Shrinking is
+  // a full rehash, so it is done only then.
+  uint64_t want = 1;
+  while (want - want / 8 < singles_.size()) want = want * 2 + 1;
+  if (singles_.capacity() > want) singles_.rehash(0);
 }
 
 void ExceptionTable::Clear() {

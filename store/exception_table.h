@@ -36,6 +36,10 @@ class ExceptionTable {
   // Removes old_chunk; true if it was there.
   bool Erase(uint64_t old_chunk);
   void Clear();
+  // Room for n lone exceptions, so that loading a big store inserts
+  // without rehashing; FitToSize gives back what loading did not use.
+  void Reserve(uint64_t n) { singles_.reserve(n); }
+  void FitToSize();
 
   uint64_t size() const { return size_; }
   uint64_t runs() const { return runs_.size(); }

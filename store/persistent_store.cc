@@ -197,6 +197,10 @@ absl::Status PersistentStore::WriteHeader(uint32_t valid) {
 
 absl::Status PersistentStore::Load(const StoreOptions& opts) {
   snap::MutexLock l(&mu_);
+  // Every data chunk the file can hold may be a lone exception (random
+  // writes); runs need less, and FitToSize returns the rest.
+  if (absl::StatusOr<uint64_t> size = file_->Size(); size.ok())
+    table_.Reserve(std::min<uint64_t>(*size / geo_.chunk_bytes(), ExceptionTable::kMaxSlots));
   absl::StatusOr<CowScan> scan =
       ScanCow(
           *file_,
@@ -209,6 +213,7 @@ absl::Status PersistentStore::Load(const StoreOptions& opts) {
             return table_.Lookup(old_chunk).has_value();
           });
   if (!scan.ok()) return scan.status();
+  table_.FitToSize();
   if (!scan->problems.empty())
     return absl::DataLossError(absl::StrCat(
         scan->problems.front(),

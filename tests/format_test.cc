@@ -510,6 +510,40 @@ START_TEST(table_memory_per_exception) {
 }
 END_TEST
 
+// A store's load reserves a slot per data chunk up front, then gives back
+// what runs left unused: the table must end as small as when it grew one
+// insert at a time, and answer the same.
+START_TEST(table_reserved_for_loading_ends_as_small) {
+  const uint64_t n = 100000;
+  std::mt19937_64 rng(7);
+  // Random, sequential (all runs), and half in runs of two.
+  for (int pattern = 0; pattern < 3; ++pattern) {
+    std::vector<uint64_t> chunks;
+    for (uint64_t i = 0; i < n; ++i) {
+      if (pattern == 0) chunks.push_back(rng() % (1ull << 40));
+      if (pattern == 1) chunks.push_back(i);
+      if (pattern == 2) chunks.push_back(i % 4 < 2 ? i : (i * 7919) % (1ull << 30) + (1ull << 31));
+    }
+    ExceptionTable grown, loaded;
+    loaded.Reserve(n);
+    for (uint64_t i = 0; i < n; ++i) {
+      if (grown.Lookup(chunks[i])) continue;  // the earliest record wins
+      grown.Insert(chunks[i], static_cast<uint32_t>(i));
+      loaded.Insert(chunks[i], static_cast<uint32_t>(i));
+    }
+    loaded.FitToSize();
+    ck_assert_uint_eq(loaded.size(), grown.size());
+    ck_assert_uint_eq(loaded.runs(), grown.runs());
+    ck_assert_msg(loaded.MemoryBytes() <= grown.MemoryBytes(),
+                  "pattern %d: %llu bytes after loading, %llu grown", pattern,
+                  static_cast<unsigned long long>(loaded.MemoryBytes()),
+                  static_cast<unsigned long long>(grown.MemoryBytes()));
+    for (uint64_t i = 0; i < n; i += 7) EXPECT(loaded.Lookup(chunks[i]) == grown.Lookup(chunks[i]));
+    EXPECT(!loaded.Lookup((1ull << 41) + 5));
+  }
+}
+END_TEST
+
 Suite* FormatSuite() {
   Suite* s = suite_create("cow_format");
   TCase* tc = tcase_create("encoding");
@@ -543,6 +577,7 @@ Suite* TableSuite() {
   tc = tcase_create("memory");
   tcase_set_timeout(tc, 120);
   tcase_add_test(tc, table_memory_per_exception);
+  tcase_add_test(tc, table_reserved_for_loading_ends_as_small);
   suite_add_tcase(s, tc);
   return s;
 }
