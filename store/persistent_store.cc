@@ -197,10 +197,19 @@ absl::Status PersistentStore::WriteHeader(uint32_t valid) {
 
 absl::Status PersistentStore::Load(const StoreOptions& opts) {
   snap::MutexLock l(&mu_);
-  // Every data chunk the file can hold may be a lone exception (random
-  // writes); runs need less, and FitToSize returns the rest.
-  if (absl::StatusOr<uint64_t> size = file_->Size(); size.ok())
-    table_.Reserve(std::min<uint64_t>(*size / geo_.chunk_bytes(), ExceptionTable::kMaxSlots));
+  // Every data chunk the file holds may be a lone exception (random
+  // writes); runs need less, and FitToSize returns the rest. Capped: a
+  // big device or a sparse file may hold few exceptions, and the room
+  // costs a byte per slot until then (4 MiB at the cap).
+  // Only for a valid store: a new one starts empty.
+  constexpr uint64_t kMaxReserve = uint64_t{1} << 22;
+  char hdr[kHeaderBytes];
+  if (absl::StatusOr<uint64_t> size = file_->Size();
+      size.ok() && *size >= kHeaderBytes && file_->PRead(hdr, 0).ok()) {
+    const DiskHeader h = DiskHeader::Decode(hdr);
+    if (h.magic == kSnapMagic && h.valid != 0)
+      table_.Reserve(std::min(*size / geo_.chunk_bytes(), kMaxReserve));
+  }
   absl::StatusOr<CowScan> scan =
       ScanCow(
           *file_,
