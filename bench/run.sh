@@ -118,6 +118,7 @@ for rep in $(seq 1 "$REPS"); do
   R[disk,sync]+="$v "
 done
 
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{print b ? a/b : 0}'; }
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 report() {
@@ -130,7 +131,7 @@ report() {
     printf '| %s |' "$w"
     for t in "${TARGETS[@]}"; do
       local m; m=$(echo "${R[$t,$w]}" | median)
-      printf ' %s (%.2f) |' "$m" "$(awk -v a="$m" -v b="$base" 'BEGIN{print b ? a/b : 0}')"
+      printf ' %s (%.2f) |' "$m" "$(ratio "$m" "$base")"
     done
     echo
   done
@@ -138,14 +139,14 @@ report() {
   for t in origin1 origin8; do
     local m; m=$(echo "${R[$t,originwrite]}" | median)
     printf '| origin 64k randwrite, %s snapshot(s) | %s (%.2f) |\n' "${t#origin}" "$m" \
-      "$(awk -v a="$m" -v b="$base" 'BEGIN{print b ? a/b : 0}')"
+      "$(ratio "$m" "$base")"
   done
   local dbase; dbase=$(echo "${R[passthrough,originwrite_durable]}" | median)
   local d; d=$(echo "${R[origin1,originwrite_durable]}" | median)
   printf '| origin 64k randwrite, 1 snapshot, final flush (passthrough %s) | %s (%.2f) |\n' \
-    "$dbase" "$d" "$(awk -v a="$d" -v b="$dbase" 'BEGIN{print b ? a/b : 0}')"
+    "$dbase" "$d" "$(ratio "$d" "$dbase")"
   local m; m=$(echo "${R[disk,sync]}" | median)
   printf '| disk ceiling: write and sync %d MiB to a file | %s (%.2f) |\n' "$SIZE" "$m" \
-    "$(awk -v a="$m" -v b="$base" 'BEGIN{print b ? a/b : 0}')"
+    "$(ratio "$m" "$base")"
 }
 if [ -n "$OUT" ]; then report | tee "$OUT"; else report; fi

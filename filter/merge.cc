@@ -155,7 +155,7 @@ absl::Status SnapshotEngine::MergedWrite(Snapshot& m, std::span<const char> data
       return st;
   }
   // FUA: this and every earlier write durable, in the COW and the origin.
-  return fua ? OriginFlush() : absl::OkStatus();
+  return FlushIfFua(absl::OkStatus(), fua);
 }
 
 }  // namespace snap

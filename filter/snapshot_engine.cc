@@ -214,22 +214,17 @@ absl::Status SnapshotEngine::OriginWrite(std::span<const char> buf,
     // Checked under the gate: a merge that starts now waits for this write.
     m = merging();
     if (!m) {
-      if (fua) {
-        // Durable on return: copy out durably, after any queued write here.
-        if (absl::Status st = CopyOutAll(buf.size(), offset); !st.ok()) return st;
-        behind_.WaitFor(offset, buf.size());
-        return FlushAfter(origin_.Write(buf, offset, false));
-      }
       std::vector<std::shared_ptr<ExceptionStore>> pending;
       if (absl::Status st = CopyOutAll(buf.size(), offset, false, &pending); !st.ok())
         return st;
       if (!pending.empty()) {
-        // Acknowledged now, written once the copy-outs are durable.
+        // Acknowledged now, written once the copy-outs are durable (with
+        // FUA, the flush below waits for that).
         behind_.Queue(buf, offset, std::move(pending));
-        return absl::OkStatus();
+        return FlushIfFua(absl::OkStatus(), fua);
       }
       behind_.WaitFor(offset, buf.size());
-      return origin_.Write(buf, offset, false);
+      return FlushIfFua(origin_.Write(buf, offset, false), fua);
     }
   }
   // A merge that finishes meanwhile leaves an empty snapshot: MergedWrite
@@ -272,7 +267,7 @@ absl::Status SnapshotEngine::OriginZeroLocked(uint64_t length, uint64_t offset,
       done += n;
     }
   }
-  return fua ? FlushAfter(st) : st;
+  return FlushIfFua(st, fua);
 }
 
 absl::Status SnapshotEngine::OriginTrim(uint64_t length, uint64_t offset,
@@ -284,14 +279,14 @@ absl::Status SnapshotEngine::OriginTrim(uint64_t length, uint64_t offset,
   if (absl::Status st = CopyOutAll(length, offset); !st.ok()) return st;
   behind_.WaitFor(offset, length);
   absl::Status st = origin_.Trim(length, offset, false);
-  return fua ? FlushAfter(st) : st;
+  return FlushIfFua(st, fua);
 }
 
-absl::Status SnapshotEngine::FlushAfter(absl::Status st) {
+absl::Status SnapshotEngine::FlushIfFua(absl::Status st, bool fua) {
   // FUA here means what DESIGN.md promises: every write acknowledged
   // before this one is durable too, queued ones included. A plugin's own
   // FUA may cover only the one write (the nbd plugin's does).
-  if (!st.ok()) return st;
+  if (!st.ok() || !fua) return st;
   return OriginFlush();
 }
 

@@ -108,8 +108,8 @@ class SnapshotEngine {
   absl::Status MergedRead(Snapshot& m, std::span<char> buf, uint64_t offset);
   absl::Status MergedWrite(Snapshot& m, std::span<const char> data,
                            uint64_t length, uint64_t offset, bool fua);
-  // st, or when it is OK, an origin flush: FUA on the origin export.
-  absl::Status FlushAfter(absl::Status st);
+  // st, or with FUA and st OK, an origin flush: FUA on the origin export.
+  absl::Status FlushIfFua(absl::Status st, bool fua);
   absl::Status OriginZeroLocked(uint64_t length, uint64_t offset, bool may_trim,
                                 bool fua, bool fast)
       ABSL_SHARED_LOCKS_REQUIRED(origin_gate_);

@@ -30,7 +30,6 @@ void ExceptionTable::SetOld(uint32_t slot, uint64_t old_chunk) {
 }
 
 uint64_t ExceptionTable::OldOf(uint32_t slot) const {
-  if ((slot >> kBlockBits) >= old_lo_.size()) return UINT64_MAX;  // never set
   uint64_t lo = old_lo_[slot >> kBlockBits][slot & ((1u << kBlockBits) - 1)];
   if (old_hi_.empty()) return lo;
   auto it = old_hi_.find(slot);
@@ -54,7 +53,8 @@ void ExceptionTable::Insert(uint64_t old_chunk, uint32_t slot) {
       ++r.length;
       return;
     }
-  } else if (off > 0 && slot > 0 && OldOf(slot - 1) == old_chunk - 1) {
+  } else if (off > 0 && slot > 0 && ((slot - 1) >> kBlockBits) < old_lo_.size() &&
+             OldOf(slot - 1) == old_chunk - 1) {
     // The previous chunk, mapped to the previous slot, starts a run. The
     // slot array rules out most random inserts without probing the set
     // (a cache miss per exception when a big store loads); the set then

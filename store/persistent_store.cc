@@ -197,23 +197,22 @@ absl::Status PersistentStore::WriteHeader(uint32_t valid) {
 
 absl::Status PersistentStore::Load(const StoreOptions& opts) {
   snap::MutexLock l(&mu_);
-  // Every data chunk the file holds may be a lone exception (random
-  // writes); runs need less, and FitToSize returns the rest. Capped: a
-  // big device or a sparse file may hold few exceptions, and the room
-  // costs a byte per slot until then (4 MiB at the cap).
-  // Only for a valid store: a new one starts empty.
+  // At the first record, room for every data chunk the file holds: each
+  // may be a lone exception (random writes), and loading then never
+  // rehashes; runs need less, and FitToSize returns the rest. Capped: a
+  // big device may hold few exceptions, and the room costs a byte per slot
+  // until then (4 MiB at the cap).
   constexpr uint64_t kMaxReserve = uint64_t{1} << 22;
-  char hdr[kHeaderBytes];
-  if (absl::StatusOr<uint64_t> size = file_->Size();
-      size.ok() && *size >= kHeaderBytes && file_->PRead(hdr, 0).ok()) {
-    const DiskHeader h = DiskHeader::Decode(hdr);
-    if (h.magic == kSnapMagic && h.valid != 0)
-      table_.Reserve(std::min(*size / geo_.chunk_bytes(), kMaxReserve));
-  }
+  bool reserved = false;
   absl::StatusOr<CowScan> scan =
       ScanCow(
           *file_,
           [&](const ScannedRecord& r) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            if (!reserved) {
+              reserved = true;
+              if (absl::StatusOr<uint64_t> size = file_->Size(); size.ok())
+                table_.Reserve(std::min(*size / geo_.chunk_bytes(), kMaxReserve));
+            }
             if (r.duplicate) return;  // the earliest record wins, as in dm
             table_.Insert(r.record.old_chunk,
                           static_cast<uint32_t>(*geo_.ChunkToSlot(r.record.new_chunk)));
