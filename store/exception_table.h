@@ -3,12 +3,16 @@
 // Memory is what limits dm-snapshot on big stores, so the layout is tight:
 //  - the origin chunk of every slot sits in a flat array indexed by slot
 //    (4 bytes; the rare high halves of chunks >= 2^32 live in a side map);
-//  - a lone exception is one 4-byte slot number in a hash set that hashes
-//    and compares through that array (about 10 bytes with the set's slack);
+//  - lone exceptions are chained from a power-of-two array of 4-byte
+//    bucket heads, one bucket per one or two exceptions, through a second
+//    array indexed by slot (4 bytes, in blocks kept only where lone
+//    exceptions are); dm's own table is chained the same way, at 32 bytes
+//    and more an exception;
 //  - a run of consecutive chunks mapped to consecutive slots inside one
 //    64-chunk group is folded into one entry keyed by the group (dm's
-//    "consecutive count"), so sequential patterns cost ~4 bytes each.
-// Lookups are O(1): one probe of the run map, one of the set.
+//    "consecutive count"), so sequential patterns cost ~4.5 bytes each.
+// So a random exception costs 10 to 12 bytes. Lookups are O(1): one probe
+// of the run map, then a chain of one or two slots on average.
 #pragma once
 
 #include <cstdint>
@@ -17,7 +21,6 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
-#include "absl/container/flat_hash_set.h"
 
 namespace snap {
 
@@ -38,7 +41,7 @@ class ExceptionTable {
   void Clear();
   // Room for n lone exceptions, so that loading a big store inserts
   // without rehashing; FitToSize gives back what loading did not use.
-  void Reserve(uint64_t n) { singles_.reserve(n); }
+  void Reserve(uint64_t n);
   void FitToSize();
 
   uint64_t size() const { return size_; }
@@ -47,37 +50,43 @@ class ExceptionTable {
   uint64_t MemoryBytes() const;
 
  private:
-  struct OldKey {
-    uint64_t chunk;
-  };
-  struct SlotHash {
-    using is_transparent = void;
-    const ExceptionTable* table;
-    size_t operator()(uint32_t slot) const;
-    size_t operator()(OldKey k) const;
-  };
-  struct SlotEq {
-    using is_transparent = void;
-    const ExceptionTable* table;
-    bool operator()(uint32_t a, uint32_t b) const { return a == b; }
-    bool operator()(uint32_t a, OldKey b) const;
-    bool operator()(OldKey a, uint32_t b) const { return (*this)(b, a); }
-  };
+  static constexpr uint32_t kNone = UINT32_MAX;  // end of a chain
+  static constexpr uint32_t kBlockBits = 16;     // slots per chunk-array block
+  static constexpr uint64_t kMaxLoad = 2;        // lone exceptions per bucket
+
   struct Run {
     uint32_t first_slot;
     uint8_t first_offset;  // within the group
     uint8_t length;
   };
+  using Blocks = std::vector<std::unique_ptr<uint32_t[]>>;  // by slot
 
+  uint32_t& OldLo(uint32_t slot) const {
+    return old_lo_[slot >> kBlockBits][slot & ((1u << kBlockBits) - 1)];
+  }
+  // Chain links come in small blocks that live only while they hold a
+  // lone exception: a run's first slot is lone only until the run grows.
+  static constexpr uint32_t kLinkBits = 10;
+  uint32_t& Next(uint32_t slot) const {
+    return next_[slot >> kLinkBits][slot & ((1u << kLinkBits) - 1)];
+  }
   void SetOld(uint32_t slot, uint64_t old_chunk);
   uint64_t OldOf(uint32_t slot) const;
-  void AddSingle(uint64_t old_chunk, uint32_t slot);
+  size_t Bucket(uint64_t old_chunk) const;
+  uint32_t FindSingle(uint64_t old_chunk) const;  // its slot, or kNone
+  void LinkSingle(uint64_t old_chunk, uint32_t slot);
+  bool UnlinkSingle(uint64_t old_chunk, uint32_t slot);
+  void Rehash(uint64_t buckets);
+  static uint64_t BucketsFor(uint64_t singles);
 
-  static constexpr uint32_t kBlockBits = 16;
-  std::vector<std::unique_ptr<uint32_t[]>> old_lo_;   // by slot, in blocks
-  absl::flat_hash_map<uint32_t, uint32_t> old_hi_;    // slot -> high 32 bits
-  absl::flat_hash_set<uint32_t, SlotHash, SlotEq> singles_;
-  absl::flat_hash_map<uint64_t, Run> runs_;           // group -> its run
+  Blocks old_lo_;                                    // low 32 bits of each slot's chunk
+  Blocks next_;                                      // each lone slot's chain link
+  std::vector<uint16_t> next_used_;                  // lone slots per link block
+  absl::flat_hash_map<uint32_t, uint32_t> old_hi_;   // slot -> high 32 bits
+  std::vector<uint32_t> heads_;                      // bucket -> first slot
+  uint32_t bucket_shift_ = 64;                       // 64 - log2(buckets)
+  uint64_t singles_ = 0;
+  absl::flat_hash_map<uint64_t, Run> runs_;          // group -> its run
   uint64_t size_ = 0;
 };
 

@@ -200,8 +200,8 @@ absl::Status PersistentStore::Load(const StoreOptions& opts) {
   // At the first record, room for every data chunk the file holds: each
   // may be a lone exception (random writes), and loading then never
   // rehashes; runs need less, and FitToSize returns the rest. Capped: a
-  // big device may hold few exceptions, and the room costs a byte per slot
-  // until then (4 MiB at the cap).
+  // big device may hold few exceptions, and the room costs two bytes per
+  // slot until then (8 MiB at the cap).
   constexpr uint64_t kMaxReserve = uint64_t{1} << 22;
   bool reserved = false;
   absl::StatusOr<CowScan> scan =
@@ -364,6 +364,9 @@ void PersistentStore::DrainLocked() {
       std::fill(area_buf_.begin(), area_buf_.end(), 0);
     }
   }
+  // A burst of writes between flushes can leave thousands of slots
+  // pending; once they are all on disk, give that room back.
+  if (pending_.empty() && pending_.capacity() > 1024) pending_.rehash(0);
 }
 
 void PersistentStore::WriteAreaLocked() {
