@@ -27,6 +27,14 @@ requires_not () {
         { echo "$0: '$*' succeeded: test skipped"; exit 77; }
 }
 
+# make_tmpdir: a fresh directory for the test in $tmp, removed when the
+# test exits; enter_tmpdir also makes it the working directory.
+make_tmpdir () {
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/$(basename "$0" .sh).XXXXXX")
+    cleanup_fn rm -rf "$tmp"
+}
+enter_tmpdir () { make_tmpdir; cd "$tmp"; }
+
 # The filter under test must exist.
 : "${FILTER:?FILTER must name nbdkit-snapshot-filter.so}"
 

@@ -13,9 +13,7 @@ requires nbdinfo --version
 requires nbdcopy --version
 requires python3 -c 'import nbd'
 requires nbdkit --filter=delay null --dump-plugin
-tmp=$(mktemp -d)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 export tmp
 
 cat > ctl.py <<'PY'

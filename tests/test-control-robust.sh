@@ -17,9 +17,7 @@ set -e
 set -x
 requires nbdsh --version
 requires python3 -c 'import nbd'
-tmp=$(mktemp -d)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 export tmp
 
 head -c 4M /dev/urandom > origin.img

@@ -10,9 +10,7 @@ set -x
 requires nbdinfo --version
 requires nbdcopy --version
 requires python3 -c 'import nbd'
-tmp=$(mktemp -d)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 # A tiny control client: ctl COMMAND... prints the reply; exit 0 on OK,
 # 1 on ERR.

@@ -7,9 +7,7 @@ set -e
 set -x
 requires test -x "$NBDSNAP"
 requires python3 -c 'import nbd'
-tmp=$(mktemp -d)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 export tmp
 blocks=512
 python3 -c "

@@ -48,9 +48,7 @@ cow_status () {
   fi
 }
 
-tmp=$(mktemp -d)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 blocks=8192   # a 32 MiB origin: copy-outs go on in every round
 

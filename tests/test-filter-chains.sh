@@ -32,9 +32,7 @@ requires nbdkit --filter=error null --version
 requires nbdkit --filter=delay null --version
 requires test -r "$FILTER"
 
-tmp=$(mktemp -d /tmp/test-filter-chains.XXXXXX)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 sock=$tmp/sock
 n=0

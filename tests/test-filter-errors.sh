@@ -30,9 +30,7 @@ requires python3 -c 'import nbd'
 requires sha256sum --version
 requires test -r "$FILTER"
 
-tmp=$(mktemp -d /tmp/test-filter-errors.XXXXXX)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 truncate -s 1M origin.img
 

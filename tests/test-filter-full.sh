@@ -34,9 +34,7 @@ requires nbdinfo --version
 requires python3 -c 'import nbd'
 requires test -r "$FILTER"
 
-tmp=$(mktemp -d /tmp/test-filter-full.XXXXXX)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 size=$((1024 * 1024))
 cap=$((64 * 1024))

@@ -22,9 +22,7 @@ requires python3 -c 'import nbd'
 requires cmp --version
 requires test -r "$FILTER"
 
-tmp=$(mktemp -d /tmp/test-filter-isolation.XXXXXX)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 size=$((8 * 1024 * 1024))
 sock=$tmp/sock

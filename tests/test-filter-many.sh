@@ -25,9 +25,7 @@ requires python3 -c 'import nbd'
 requires sha256sum --version
 requires test -r "$FILTER"
 
-tmp=$(mktemp -d /tmp/test-filter-many.XXXXXX)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 size=$((8 * 1024 * 1024))
 nsnaps=20

@@ -23,9 +23,7 @@ requires python3 --version
 requires sha256sum --version
 requires test -r "$FILTER"
 
-tmp=$(mktemp -d /tmp/test-filter-persist.XXXXXX)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 size=$((4 * 1024 * 1024))
 sock=$tmp/sock

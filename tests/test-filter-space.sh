@@ -7,9 +7,7 @@ set -e
 set -x
 requires nbdsh --version
 requires du --version
-tmp=$(mktemp -d)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 truncate -s 64M origin.img
 nbdkit -U - --filter="$FILTER" file origin.img snapshot=s=s.cow --run '
   nbdsh -u "$uri" -c "h.pwrite(b\"x\" * (1 << 20), 0); h.flush()"

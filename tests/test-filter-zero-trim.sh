@@ -30,9 +30,7 @@ requires python3 -c 'import nbd'
 requires nbdkit --filter=nozero null --version
 requires test -r "$FILTER"
 
-tmp=$(mktemp -d /tmp/test-filter-zero-trim.XXXXXX)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 sock=$tmp/sock
 size=$((1024 * 1024))

@@ -27,8 +27,7 @@ requires nbdsh --version
 unset LIBNBD_DEBUG
 
 fx=$srcdir/fixtures/kernel
-tmp=$(mktemp -d)
-cleanup_fn rm -rf "$tmp"
+make_tmpdir
 
 sha () { sha256sum < "$1" | cut -d' ' -f1; }
 

@@ -46,9 +46,7 @@ cow_status () {
   fi
 }
 
-tmp=$(mktemp -d)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 # Is the kdm kernel set up? A hand-made empty store (header + zero area 0,
 # chunk 8) must give a status line; otherwise skip.

@@ -27,9 +27,7 @@ requires timeout --version
 requires test -r "$FILTER"
 unset LIBNBD_DEBUG
 
-tmp=$(mktemp -d /tmp/test-merge-basic.XXXXXX)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 # merge LOG ARGS...: nbdkit -f with the filter on the file plugin until it
 # exits; prints the seconds it took, returns its exit status.

@@ -28,9 +28,7 @@ requires timeout --version
 requires test -r "$FILTER"
 unset LIBNBD_DEBUG
 
-tmp=$(mktemp -d /tmp/test-merge-crash.XXXXXX)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 seed=${MERGE_CRASH_SEED:-$$}
 echo "MERGE_CRASH_SEED=$seed"

@@ -37,9 +37,7 @@ requires timeout --version
 requires test -r "$FILTER"
 unset LIBNBD_DEBUG
 
-tmp=$(mktemp -d /tmp/test-merge-fail.XXXXXX)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 sock=$tmp/sock
 uri () { echo "nbd+unix:///$1?socket=$sock"; }
 

@@ -28,9 +28,7 @@ requires test -r "$FILTER"
 unset LIBNBD_DEBUG
 
 fx=$srcdir/fixtures/kernel
-tmp=$(mktemp -d /tmp/test-merge-kernel.XXXXXX)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 sha () { sha256sum < "$1" | cut -d' ' -f1; }
 info () { "$NBDSNAP" info --json "$1" | json_field "$2"; }

@@ -9,9 +9,7 @@ set -x
 requires nbdsh --version
 requires nbdcopy --version
 requires nbdkit --filter=delay null --version
-tmp=$(mktemp -d)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 export tmp
 
 python3 -c "

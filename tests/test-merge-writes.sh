@@ -38,9 +38,7 @@ requires python3 -c 'import nbd'
 requires test -r "$FILTER"
 unset LIBNBD_DEBUG
 
-tmp=$(mktemp -d /tmp/test-merge-writes.XXXXXX)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 failed=0
 fail () { echo "FAIL: $*"; failed=$((failed + 1)); }

@@ -6,9 +6,7 @@ set -e
 set -x
 requires test -x "$NBDSNAP"
 requires python3 --version
-tmp=$(mktemp -d)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 # cs 1 (512-byte chunks, epa 32): 40 exceptions, area 0 (chunk 1) full and
 # 8 records in area 1 (chunk 34); record k maps origin 1000+3k.

@@ -6,9 +6,7 @@ set -e
 set -x
 requires test -x "$NBDSNAP"
 requires python3 --version
-tmp=$(mktemp -d)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 # expect_rc RC CMD...: CMD exits with RC; its stdout and stderr are left in
 # out and err.

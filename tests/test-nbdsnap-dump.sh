@@ -5,9 +5,7 @@ set -e
 set -x
 requires test -x "$NBDSNAP"
 requires python3 --version
-tmp=$(mktemp -d)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 # expected_dump CS COUNT: what make_cow wrote, as dump prints it.
 expected_dump () {

@@ -6,9 +6,7 @@ set -e
 set -x
 requires test -x "$NBDSNAP"
 requires python3 --version
-tmp=$(mktemp -d)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 # info_is FILE STATUS EXCEPTIONS AREAS: the JSON and the text agree with
 # these, and with each other.

@@ -15,8 +15,7 @@ if ! ls "$fixtures"/*.expect >/dev/null 2>&1; then
     echo "$0: no kernel fixtures in $fixtures: test skipped"
     exit 77
 fi
-tmp=$(mktemp -d)
-cleanup_fn rm -rf "$tmp"
+make_tmpdir
 
 n=0
 for expect in "$fixtures"/*.expect; do

@@ -5,9 +5,7 @@ source "$srcdir/functions.sh"
 set -e
 set -x
 requires test -x "$NBDSNAP"
-tmp=$(mktemp -d)
-cleanup_fn rm -rf "$tmp"
-cd "$tmp"
+enter_tmpdir
 
 # The general help, three ways: every command listed, exit 0, stdout only.
 for h in --help -h help; do
