@@ -10,8 +10,10 @@
 
 namespace snap {
 
-OriginWriteBehind::OriginWriteBehind(OriginIo& origin, uint64_t max_bytes)
-    : origin_(origin), max_bytes_(max_bytes) {
+OriginWriteBehind::OriginWriteBehind(OriginIo& origin, uint64_t max_bytes,
+                                     absl::Duration idle_release)
+    : origin_(origin), max_bytes_(max_bytes), idle_release_(idle_release),
+      spare_(max_bytes) {
   committer_ = std::thread([this] { Commit(); });
   issuer_ = std::thread([this] { Issue(); });
 }
@@ -28,7 +30,9 @@ OriginWriteBehind::~OriginWriteBehind() {
 
 void OriginWriteBehind::Queue(std::span<const char> data, uint64_t offset,
                               std::vector<std::shared_ptr<ExceptionStore>> stores) {
-  Item item{0, offset, std::vector<char>(data.begin(), data.end()), std::move(stores)};
+  std::vector<char> copy = spare_.Take();
+  copy.assign(data.begin(), data.end());
+  Item item{0, offset, std::move(copy), std::move(stores)};
   const uint64_t n = data.size();
   snap::MutexLock l(&mu_);
   // A full queue holds the client back: memory stays bounded, and a write
@@ -77,7 +81,13 @@ absl::Status OriginWriteBehind::Drain() {
 void OriginWriteBehind::Commit() {
   snap::MutexLock l(&mu_);
   for (;;) {
-    while (queue_.empty() && !stop_) queued_cv_.Wait(&mu_);
+    while (queue_.empty() && !stop_) {
+      // Kept buffers serve a stream of writes; a quiet spell ends it.
+      if (spare_.kept_bytes() == 0)
+        queued_cv_.Wait(&mu_);
+      else if (queued_cv_.WaitWithTimeout(&mu_, idle_release_) && queue_.empty())
+        spare_.Clear();
+    }
     if (queue_.empty()) {  // stopping, and everything is committed
       committer_done_ = true;
       committed_cv_.Signal();
@@ -132,7 +142,7 @@ void OriginWriteBehind::Issue() {
       if (first.ok()) first = st;
     }
     mu_.Lock();
-    for (const Item& item : batch) {
+    for (Item& item : batch) {
       auto [lo, hi] = ranges_.equal_range(item.offset);
       for (auto it = lo; it != hi; ++it)
         if (it->second == item.offset + item.data.size()) {
@@ -140,7 +150,10 @@ void OriginWriteBehind::Issue() {
           break;
         }
       bytes_ -= item.data.size();
+      spare_.Give(std::move(item.data));
     }
+    // A committer with nothing to do starts timing the quiet spell now.
+    if (queue_.empty()) queued_cv_.Signal();
     if (!batch.empty()) issued_seq_ = batch.back().seq;
     pending_.store(ranges_.size());
     if (!first.ok() && error_.ok()) error_ = first;

@@ -20,6 +20,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "filter/buffer_pool.h"
 #include "filter/origin_io.h"
 #include "store/exception_store.h"
 #include "store/sync.h"
@@ -29,7 +31,10 @@ namespace snap {
 class OriginWriteBehind {
  public:
   // Queues hold at most max_bytes of data; the writer thread starts here.
-  OriginWriteBehind(OriginIo& origin, uint64_t max_bytes);
+  // Buffers of written data are kept for the next writes (as much as the
+  // queue holds) until none has been queued for idle_release.
+  OriginWriteBehind(OriginIo& origin, uint64_t max_bytes,
+                    absl::Duration idle_release = absl::Seconds(1));
   // Issues every queued write, then stops the writer thread.
   ~OriginWriteBehind();
   OriginWriteBehind(const OriginWriteBehind&) = delete;
@@ -44,6 +49,8 @@ class OriginWriteBehind {
   void WaitFor(uint64_t offset, uint64_t length);
   // Returns once nothing is queued.
   void WaitIdle();
+  // Bytes of buffers kept for the next writes.
+  uint64_t kept_bytes() const { return spare_.kept_bytes(); }
   // Returns once every write queued before the call has been written
   // (later ones, from other clients, do not hold it up), with (and
   // forgetting) the first error a queued write met since the last Drain:
@@ -66,6 +73,8 @@ class OriginWriteBehind {
 
   OriginIo& origin_;
   const uint64_t max_bytes_;
+  const absl::Duration idle_release_;
+  BufferPool spare_;
   mutable snap::Mutex mu_;
   // One condition per kind of waiter, so a queued write wakes only the
   // committer, not the issuer and every client waiting for an overlap.

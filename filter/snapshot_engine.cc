@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "filter/errno_status.h"
 #include "filter/log.h"
+#include "filter/scratch_buffer.h"
 
 namespace snap {
 namespace {
@@ -133,10 +134,9 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
   }
 
   const uint64_t size = origin_.size();
+  if (need.empty()) return absl::OkStatus();
   // Filled before use: not zeroed (a memset per copy-out is measurable).
-  const uint64_t buf_bytes = std::min<uint64_t>(s.chunk_bytes, kCopyBuffer);
-  std::unique_ptr<char[]> mem;
-  if (!need.empty()) mem = std::make_unique_for_overwrite<char[]>(buf_bytes);
+  ScratchBuffer mem(std::min<uint64_t>(s.chunk_bytes, kCopyBuffer));
   std::span<char> buf;
   for (size_t i = 0; i < need.size(); ++i) {
     const uint64_t c = need[i];
@@ -146,7 +146,7 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
     // origin costs no space (the chunk lock keeps the data still).
     const bool read_first = end - start <= kCopyBuffer;
     if (read_first) {
-      buf = {mem.get(), end - start};
+      buf = mem.first(end - start);
       if (absl::Status st = origin_.Read(buf, start); !st.ok()) return st;
     }
     absl::StatusOr<uint64_t> cow = store.Allocate(c, WriteSource::kOrigin);
@@ -161,7 +161,7 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
     if (read_first) st = store.WriteChunk(*cow, 0, buf);
     for (uint64_t pos = start; !read_first && pos < end && st.ok();) {
       const uint64_t n = std::min(end - pos, kCopyBuffer);
-      buf = {mem.get(), n};
+      buf = mem.first(n);
       st = origin_.Read(buf, pos);
       if (!st.ok()) {
         store.Abandon(*cow);
@@ -372,7 +372,8 @@ absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
     // A full filesystem fails the write and keeps the snapshot valid.
     return ErrnoError(absl::IsResourceExhausted(st) ? ENOSPC : EIO, st.message());
   };
-  std::vector<char> tmp;
+  std::optional<ScratchBuffer> mem;  // for the first chunk that needs it
+  std::span<char> tmp;
   for (uint64_t c = first; c <= last; ++c) {
     const uint64_t cstart = c << s.shift;
     const uint64_t cend = std::min(cstart + s.chunk_bytes, size);
@@ -387,7 +388,8 @@ absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
       // COW chunk, so a failing origin costs no space.
       const bool read_first = !whole && cend - cstart <= kCopyBuffer;
       if (read_first) {
-        tmp.resize(cend - cstart);
+        if (!mem) mem.emplace(std::min<uint64_t>(s.chunk_bytes, kCopyBuffer));
+        tmp = mem->first(cend - cstart);
         if (absl::Status st = origin_.Read(tmp, cstart); !st.ok()) {
           absl::Status wst = write_run();
           for (uint64_t f : fresh)
@@ -416,7 +418,8 @@ absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
         if (absl::Status st = write_run(); !st.ok()) return fail(st);
         for (uint64_t p = cstart; p < cend;) {
           uint64_t n = std::min(cend - p, kCopyBuffer);
-          tmp.resize(n);
+          if (!mem) mem.emplace(std::min<uint64_t>(s.chunk_bytes, kCopyBuffer));
+          tmp = mem->first(n);
           absl::Status st = origin_.Read(tmp, p);
           if (st.ok()) st = store.WriteChunk(cow, p - cstart, tmp);
           if (!st.ok()) return fail(st);

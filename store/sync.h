@@ -6,6 +6,7 @@
 #pragma once
 
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 
 #if defined(__SANITIZE_THREAD__)
 #include <condition_variable>
@@ -64,6 +65,11 @@ class ABSL_SCOPED_LOCKABLE ReaderMutexLock {
 class CondVar {
  public:
   void Wait(Mutex* mu) { cv_.wait(mu->native()); }
+  // True if the time ran out, as absl::CondVar's.
+  bool WaitWithTimeout(Mutex* mu, absl::Duration timeout) {
+    return cv_.wait_for(mu->native(), absl::ToChronoNanoseconds(timeout)) ==
+           std::cv_status::timeout;
+  }
   void SignalAll() { cv_.notify_all(); }
   void Signal() { cv_.notify_one(); }
 

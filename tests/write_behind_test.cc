@@ -9,7 +9,10 @@
 //   and is after a flush; the snapshot keeps the old data;
 // - a queued write that fails later fails the next flush, once;
 // - a snapshot taken while writes are queued includes them: later
-//   copy-outs to it save their data, not the data before them.
+//   copy-outs to it save their data, not the data before them;
+// - the buffers of written data are reused for the next writes, within
+//   the queue's bound, and given back once writes stop; a thread keeps
+//   its copy buffer between requests.
 #include <stdlib.h>
 
 #include <algorithm>
@@ -24,6 +27,8 @@
 #include <thread>
 #include <vector>
 
+#include "filter/origin_write_behind.h"
+#include "filter/scratch_buffer.h"
 #include "filter/snapshot_engine.h"
 #include "store/exception_store.h"
 #include "tests/fault_file.h"
@@ -288,6 +293,74 @@ START_TEST(fua_makes_earlier_queued_writes_durable) {
 }
 END_TEST
 
+START_TEST(written_buffers_are_reused_then_given_back) {
+  snap_test::MemoryOrigin origin(Fill(kSize, 'o'));
+  std::vector<char> model(kSize, 'o');
+  const uint64_t max_bytes = 64 * 1024;
+  snap::OriginWriteBehind behind(origin, max_bytes, absl::Milliseconds(200));
+  // Sizes that grow and shrink, so a reused buffer is sometimes too small
+  // and sometimes larger than the data.
+  const size_t sizes[] = {5000, 300, 12000, 4096, 1, 9000};
+  for (int round = 0; round < 3; ++round) {
+    for (int i = 0; i < 30; ++i) {
+      const size_t n = sizes[i % 6];
+      const uint64_t off = static_cast<uint64_t>((i * 7919 + round * 31) % 200) * 4096;
+      const char v = static_cast<char>('a' + (i + round) % 26);
+      behind.Queue(Fill(n, v), off, {});
+      std::fill_n(model.begin() + static_cast<ptrdiff_t>(off), n, v);
+    }
+    behind.WaitIdle();
+    ck_assert_msg(behind.kept_bytes() > 0 && behind.kept_bytes() <= max_bytes,
+                  "round %d: %llu bytes kept", round,
+                  static_cast<unsigned long long>(behind.kept_bytes()));
+    std::vector<char> got(kSize);
+    ASSERT_OK(origin.Read(got, 0));
+    ck_assert_msg(got == model, "round %d: the origin differs from the model", round);
+  }
+  // No writes for the idle period: the buffers go back to the system.
+  for (int i = 0; i < 500 && behind.kept_bytes() != 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  ck_assert_uint_eq(behind.kept_bytes(), 0);
+}
+END_TEST
+
+START_TEST(scratch_buffer_is_kept_per_thread) {
+  char* kept;
+  {
+    snap::ScratchBuffer a(8192);
+    kept = a.first(8192).data();
+    std::memset(kept, 1, 8192);
+  }
+  {
+    // The next one on this thread, no larger, is the same memory.
+    snap::ScratchBuffer b(4096);
+    ck_assert_ptr_eq(b.first(4096).data(), kept);
+    // One asked for while it is in use is another.
+    snap::ScratchBuffer nested(4096);
+    ck_assert_ptr_ne(nested.first(4096).data(), kept);
+  }
+  {
+    // Too big to keep: it does not displace the kept one.
+    snap::ScratchBuffer big(snap::ScratchBuffer::kKeepBytes * 2);
+    std::memset(big.first(1).data(), 2, 1);
+  }
+  {
+    snap::ScratchBuffer c(8192);
+    ck_assert_ptr_eq(c.first(8192).data(), kept);
+  }
+  // Another thread has its own.
+  char* other = nullptr;
+  std::thread([&] {
+    snap::ScratchBuffer d(8192);
+    other = d.first(8192).data();
+    std::memset(other, 3, 8192);
+  }).join();
+  snap::ScratchBuffer e(8192);
+  ck_assert_ptr_eq(e.first(8192).data(), kept);
+  ck_assert_ptr_ne(other, kept);
+}
+END_TEST
+
 }  // namespace
 
 int main() {
@@ -299,6 +372,8 @@ int main() {
   tcase_add_test(tc, failed_queued_write_fails_next_flush);
   tcase_add_test(tc, take_includes_queued_writes);
   tcase_add_test(tc, fua_makes_earlier_queued_writes_durable);
+  tcase_add_test(tc, written_buffers_are_reused_then_given_back);
+  tcase_add_test(tc, scratch_buffer_is_kept_per_thread);
   suite_add_tcase(s, tc);
   return snaptest::RunSuites({s});
 }
