@@ -12,8 +12,7 @@ namespace snap {
 
 OriginWriteBehind::OriginWriteBehind(OriginIo& origin, uint64_t max_bytes,
                                      absl::Duration idle_release)
-    : origin_(origin), max_bytes_(max_bytes), idle_release_(idle_release),
-      spare_(max_bytes) {
+    : origin_(origin), max_bytes_(max_bytes), idle_release_(idle_release) {
   committer_ = std::thread([this] { Commit(); });
   issuer_ = std::thread([this] { Issue(); });
 }
@@ -30,17 +29,18 @@ OriginWriteBehind::~OriginWriteBehind() {
 
 void OriginWriteBehind::Queue(std::span<const char> data, uint64_t offset,
                               std::vector<std::shared_ptr<ExceptionStore>> stores) {
-  std::vector<char> copy = spare_.Take();
+  std::vector<char> copy = spare_.Take(data.size());
   copy.assign(data.begin(), data.end());
   Item item{0, offset, std::move(copy), std::move(stores)};
   const uint64_t n = data.size();
+  const uint64_t held = item.data.capacity();  // a reused buffer may be larger
   snap::MutexLock l(&mu_);
   // A full queue holds the client back: memory stays bounded, and a write
   // larger than the whole queue still goes once the queue is empty.
-  while (bytes_ != 0 && bytes_ + n > max_bytes_) done_cv_.Wait(&mu_);
+  while (bytes_ != 0 && bytes_ + held > max_bytes_) done_cv_.Wait(&mu_);
   ranges_.emplace(offset, offset + n);
   longest_ = std::max(longest_, n);
-  bytes_ += n;
+  bytes_ += held;
   item.seq = ++queued_seq_;
   pending_.store(ranges_.size());
   queue_.push_back(std::move(item));
@@ -85,8 +85,11 @@ void OriginWriteBehind::Commit() {
       // Kept buffers serve a stream of writes; a quiet spell ends it.
       if (spare_.kept_bytes() == 0)
         queued_cv_.Wait(&mu_);
-      else if (queued_cv_.WaitWithTimeout(&mu_, idle_release_) && queue_.empty())
+      else if (queued_cv_.WaitWithTimeout(&mu_, idle_release_) && queue_.empty()) {
+        mu_.Unlock();  // freeing 32 MiB need not hold up the queue
         spare_.Clear();
+        mu_.Lock();
+      }
     }
     if (queue_.empty()) {  // stopping, and everything is committed
       committer_done_ = true;
@@ -149,8 +152,9 @@ void OriginWriteBehind::Issue() {
           ranges_.erase(it);
           break;
         }
-      bytes_ -= item.data.size();
-      spare_.Give(std::move(item.data));
+      bytes_ -= item.data.capacity();
+      // Kept only while the queue and the kept buffers fit in its bound.
+      spare_.Give(std::move(item.data), max_bytes_ - std::min(bytes_, max_bytes_));
     }
     // A committer with nothing to do starts timing the quiet spell now.
     if (queue_.empty()) queued_cv_.Signal();

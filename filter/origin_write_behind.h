@@ -31,8 +31,8 @@ namespace snap {
 class OriginWriteBehind {
  public:
   // Queues hold at most max_bytes of data; the writer thread starts here.
-  // Buffers of written data are kept for the next writes (as much as the
-  // queue holds) until none has been queued for idle_release.
+  // Buffers of written data are kept for the next writes (while they and
+  // the queued data fit in max_bytes) until none is queued for idle_release.
   OriginWriteBehind(OriginIo& origin, uint64_t max_bytes,
                     absl::Duration idle_release = absl::Seconds(1));
   // Issues every queued write, then stops the writer thread.
@@ -86,7 +86,7 @@ class OriginWriteBehind {
   // Every write queued or being written: start -> end, for overlap checks.
   std::multimap<uint64_t, uint64_t> ranges_ ABSL_GUARDED_BY(mu_);
   uint64_t longest_ ABSL_GUARDED_BY(mu_) = 0;  // longest write ever queued
-  uint64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;    // data queued or being written
+  uint64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;    // buffers queued or being written
   uint64_t queued_seq_ ABSL_GUARDED_BY(mu_) = 0;  // the last write queued
   uint64_t issued_seq_ ABSL_GUARDED_BY(mu_) = 0;  // every one to here written
   absl::Status error_ ABSL_GUARDED_BY(mu_);

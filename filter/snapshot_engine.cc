@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstring>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_format.h"
@@ -133,8 +134,8 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
       return absl::OkStatus();  // now invalid
   }
 
-  const uint64_t size = origin_.size();
   if (need.empty()) return absl::OkStatus();
+  const uint64_t size = origin_.size();
   // Filled before use: not zeroed (a memset per copy-out is measurable).
   ScratchBuffer mem(std::min<uint64_t>(s.chunk_bytes, kCopyBuffer));
   std::span<char> buf;

@@ -53,7 +53,7 @@ void ExceptionTable::LinkSingle(uint64_t old_chunk, uint32_t slot) {
     next_used_.resize(block + 1);
   }
   if (next_used_[block]++ == 0)
-    next_[block] = std::make_unique<uint32_t[]>(size_t{1} << kLinkBits);
+    next_[block] = std::make_unique_for_overwrite<uint32_t[]>(size_t{1} << kLinkBits);
   uint32_t& head = heads_[Bucket(old_chunk)];
   Next(slot) = head;
   head = slot;

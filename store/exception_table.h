@@ -46,12 +46,12 @@ class ExceptionTable {
 
   uint64_t size() const { return size_; }
   uint64_t runs() const { return runs_.size(); }
-  // Heap bytes held, for the figures in store/README.md.
+  // Heap bytes held, for the tests' and benchmarks' figures.
   uint64_t MemoryBytes() const;
 
  private:
   static constexpr uint32_t kNone = UINT32_MAX;  // end of a chain
-  static constexpr uint32_t kBlockBits = 16;     // slots per chunk-array block
+  static constexpr uint32_t kBlockBits = 16;     // 2^16 slots per chunk-array block
   static constexpr uint64_t kMaxLoad = 2;        // lone exceptions per bucket
 
   struct Run {
@@ -84,7 +84,7 @@ class ExceptionTable {
   std::vector<uint16_t> next_used_;                  // lone slots per link block
   absl::flat_hash_map<uint32_t, uint32_t> old_hi_;   // slot -> high 32 bits
   std::vector<uint32_t> heads_;                      // bucket -> first slot
-  uint32_t bucket_shift_ = 64;                       // 64 - log2(buckets)
+  uint32_t bucket_shift_ = 60;                       // 64 - log2(buckets)
   uint64_t singles_ = 0;
   absl::flat_hash_map<uint64_t, Run> runs_;          // group -> its run
   uint64_t size_ = 0;

@@ -200,8 +200,8 @@ absl::Status PersistentStore::Load(const StoreOptions& opts) {
   // At the first record, room for every data chunk the file holds: each
   // may be a lone exception (random writes), and loading then never
   // rehashes; runs need less, and FitToSize returns the rest. Capped: a
-  // big device may hold few exceptions, and the room costs two bytes per
-  // slot until then (8 MiB at the cap).
+  // big device may hold few exceptions, and the room costs two to four
+  // bytes per slot until then (8 MiB at the cap).
   constexpr uint64_t kMaxReserve = uint64_t{1} << 22;
   bool reserved = false;
   absl::StatusOr<CowScan> scan =

@@ -67,6 +67,10 @@ class CondVar {
   void Wait(Mutex* mu) { cv_.wait(mu->native()); }
   // True if the time ran out, as absl::CondVar's.
   bool WaitWithTimeout(Mutex* mu, absl::Duration timeout) {
+    if (timeout == absl::InfiniteDuration()) {  // now + max would overflow
+      Wait(mu);
+      return false;
+    }
     return cv_.wait_for(mu->native(), absl::ToChronoNanoseconds(timeout)) ==
            std::cv_status::timeout;
   }

@@ -27,6 +27,7 @@
 #include <thread>
 #include <vector>
 
+#include "filter/buffer_pool.h"
 #include "filter/origin_write_behind.h"
 #include "filter/scratch_buffer.h"
 #include "filter/snapshot_engine.h"
@@ -297,7 +298,9 @@ START_TEST(written_buffers_are_reused_then_given_back) {
   snap_test::MemoryOrigin origin(Fill(kSize, 'o'));
   std::vector<char> model(kSize, 'o');
   const uint64_t max_bytes = 64 * 1024;
-  snap::OriginWriteBehind behind(origin, max_bytes, absl::Milliseconds(200));
+  // Long enough that a slow machine does not clear the kept buffers
+  // between WaitIdle and the check after it.
+  snap::OriginWriteBehind behind(origin, max_bytes, absl::Seconds(2));
   // Sizes that grow and shrink, so a reused buffer is sometimes too small
   // and sometimes larger than the data.
   const size_t sizes[] = {5000, 300, 12000, 4096, 1, 9000};
@@ -318,9 +321,33 @@ START_TEST(written_buffers_are_reused_then_given_back) {
     ck_assert_msg(got == model, "round %d: the origin differs from the model", round);
   }
   // No writes for the idle period: the buffers go back to the system.
-  for (int i = 0; i < 500 && behind.kept_bytes() != 0; ++i)
+  for (int i = 0; i < 1500 && behind.kept_bytes() != 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   ck_assert_uint_eq(behind.kept_bytes(), 0);
+}
+END_TEST
+
+START_TEST(buffer_pool_matches_sizes_within_its_room) {
+  snap::BufferPool pool;
+  std::vector<char> a(8192, 'a');
+  const char* a_mem = a.data();
+  pool.Give(std::move(a), 1 << 20);
+  ck_assert_uint_eq(pool.kept_bytes(), 8192);
+  // Too small a buffer for 9000 bytes, too big for 100: neither is served.
+  ck_assert_uint_eq(pool.Take(9000).capacity(), 0);
+  ck_assert_uint_eq(pool.Take(100).capacity(), 0);
+  // 5000 bytes fit, and not twice over: the same memory, empty.
+  std::vector<char> got = pool.Take(5000);
+  ck_assert_ptr_eq(got.data(), a_mem);
+  ck_assert_uint_eq(got.size(), 0);
+  ck_assert_uint_eq(pool.kept_bytes(), 0);
+  // Room is honoured: a second 8 KiB buffer does not fit in 12 KiB.
+  pool.Give(std::move(got), 12288);
+  pool.Give(std::vector<char>(8192), 12288);
+  ck_assert_uint_eq(pool.kept_bytes(), 8192);
+  pool.Clear();
+  ck_assert_uint_eq(pool.kept_bytes(), 0);
+  ck_assert_uint_eq(pool.Take(5000).capacity(), 0);
 }
 END_TEST
 
@@ -373,6 +400,7 @@ int main() {
   tcase_add_test(tc, take_includes_queued_writes);
   tcase_add_test(tc, fua_makes_earlier_queued_writes_durable);
   tcase_add_test(tc, written_buffers_are_reused_then_given_back);
+  tcase_add_test(tc, buffer_pool_matches_sizes_within_its_room);
   tcase_add_test(tc, scratch_buffer_is_kept_per_thread);
   suite_add_tcase(s, tc);
   return snaptest::RunSuites({s});
