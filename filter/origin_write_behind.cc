@@ -81,16 +81,7 @@ absl::Status OriginWriteBehind::Drain() {
 void OriginWriteBehind::Commit() {
   snap::MutexLock l(&mu_);
   for (;;) {
-    while (queue_.empty() && !stop_) {
-      // Kept buffers serve a stream of writes; a quiet spell ends it.
-      if (spare_.kept_bytes() == 0)
-        queued_cv_.Wait(&mu_);
-      else if (queued_cv_.WaitWithTimeout(&mu_, idle_release_) && queue_.empty()) {
-        mu_.Unlock();  // freeing 32 MiB need not hold up the queue
-        spare_.Clear();
-        mu_.Lock();
-      }
-    }
+    while (queue_.empty() && !stop_) queued_cv_.Wait(&mu_);
     if (queue_.empty()) {  // stopping, and everything is committed
       committer_done_ = true;
       committed_cv_.Signal();
@@ -129,7 +120,18 @@ void OriginWriteBehind::Commit() {
 void OriginWriteBehind::Issue() {
   snap::MutexLock l(&mu_);
   for (;;) {
-    while (committed_.empty() && !committer_done_) committed_cv_.Wait(&mu_);
+    while (committed_.empty() && !committer_done_) {
+      // The buffers this thread kept serve a stream of writes; a quiet
+      // spell, with nothing queued either, ends it.
+      if (spare_.kept_bytes() == 0) {
+        committed_cv_.Wait(&mu_);
+      } else if (committed_cv_.WaitWithTimeout(&mu_, idle_release_) &&
+                 committed_.empty() && queue_.empty()) {
+        mu_.Unlock();  // freeing 32 MiB need not hold up the queue
+        spare_.Clear();
+        mu_.Lock();
+      }
+    }
     if (committed_.empty()) return;  // the committer is done, and so are we
     std::vector<Item> batch = std::move(committed_.front());
     committed_.pop_front();
@@ -156,8 +158,6 @@ void OriginWriteBehind::Issue() {
       // Kept only while the queue and the kept buffers fit in its bound.
       spare_.Give(std::move(item.data), max_bytes_ - std::min(bytes_, max_bytes_));
     }
-    // A committer with nothing to do starts timing the quiet spell now.
-    if (queue_.empty()) queued_cv_.Signal();
     if (!batch.empty()) issued_seq_ = batch.back().seq;
     pending_.store(ranges_.size());
     if (!first.ok() && error_.ok()) error_ = first;

@@ -375,6 +375,10 @@ absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
   };
   std::optional<ScratchBuffer> mem;  // for the first chunk that needs it
   std::span<char> tmp;
+  auto scratch = [&](uint64_t n) {
+    if (!mem) mem.emplace(std::min<uint64_t>(s.chunk_bytes, kCopyBuffer));
+    return mem->first(n);
+  };
   for (uint64_t c = first; c <= last; ++c) {
     const uint64_t cstart = c << s.shift;
     const uint64_t cend = std::min(cstart + s.chunk_bytes, size);
@@ -389,8 +393,7 @@ absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
       // COW chunk, so a failing origin costs no space.
       const bool read_first = !whole && cend - cstart <= kCopyBuffer;
       if (read_first) {
-        if (!mem) mem.emplace(std::min<uint64_t>(s.chunk_bytes, kCopyBuffer));
-        tmp = mem->first(cend - cstart);
+        tmp = scratch(cend - cstart);
         if (absl::Status st = origin_.Read(tmp, cstart); !st.ok()) {
           absl::Status wst = write_run();
           for (uint64_t f : fresh)
@@ -419,8 +422,7 @@ absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
         if (absl::Status st = write_run(); !st.ok()) return fail(st);
         for (uint64_t p = cstart; p < cend;) {
           uint64_t n = std::min(cend - p, kCopyBuffer);
-          if (!mem) mem.emplace(std::min<uint64_t>(s.chunk_bytes, kCopyBuffer));
-          tmp = mem->first(n);
+          tmp = scratch(n);
           absl::Status st = origin_.Read(tmp, p);
           if (st.ok()) st = store.WriteChunk(cow, p - cstart, tmp);
           if (!st.ok()) return fail(st);

@@ -60,16 +60,17 @@ void ExceptionTable::LinkSingle(uint64_t old_chunk, uint32_t slot) {
   ++singles_;
 }
 
-bool ExceptionTable::UnlinkSingle(uint64_t old_chunk, uint32_t slot) {
+uint32_t ExceptionTable::UnlinkSingle(uint64_t old_chunk, uint32_t only) {
   for (uint32_t* link = &heads_[Bucket(old_chunk)]; *link != kNone; link = &Next(*link)) {
-    if (*link == slot) {
-      *link = Next(slot);
-      --singles_;
-      if (--next_used_[slot >> kLinkBits] == 0) next_[slot >> kLinkBits].reset();
-      return true;
-    }
+    const uint32_t slot = *link;
+    if (OldOf(slot) != old_chunk) continue;
+    if (only != kNone && slot != only) return kNone;
+    *link = Next(slot);
+    --singles_;
+    if (--next_used_[slot >> kLinkBits] == 0) next_[slot >> kLinkBits].reset();
+    return slot;
   }
-  return false;
+  return kNone;
 }
 
 void ExceptionTable::Rehash(uint64_t buckets) {
@@ -111,7 +112,7 @@ void ExceptionTable::Insert(uint64_t old_chunk, uint32_t slot) {
     }
   } else if (off > 0 && slot > 0 && ((slot - 1) >> kBlockBits) < old_lo_.size() &&
              OldOf(slot - 1) == old_chunk - 1 &&
-             UnlinkSingle(old_chunk - 1, slot - 1)) {
+             UnlinkSingle(old_chunk - 1, slot - 1) != kNone) {
     // The previous chunk is a lone exception in the previous slot: the two
     // start a run. The chunk array rules out most random inserts without
     // walking a chain (a cache miss per exception when a big store loads).
@@ -158,9 +159,8 @@ bool ExceptionTable::Erase(uint64_t old_chunk) {
       return true;
     }
   }
-  uint32_t slot = FindSingle(old_chunk);
+  const uint32_t slot = UnlinkSingle(old_chunk);
   if (slot == kNone) return false;
-  UnlinkSingle(old_chunk, slot);
   old_hi_.erase(slot);
   --size_;
   return true;

@@ -75,7 +75,9 @@ class ExceptionTable {
   size_t Bucket(uint64_t old_chunk) const;
   uint32_t FindSingle(uint64_t old_chunk) const;  // its slot, or kNone
   void LinkSingle(uint64_t old_chunk, uint32_t slot);
-  bool UnlinkSingle(uint64_t old_chunk, uint32_t slot);
+  // Unlinks old_chunk's lone exception (only if it is in slot only, when
+  // given); its slot, or kNone.
+  uint32_t UnlinkSingle(uint64_t old_chunk, uint32_t only = kNone);
   void Rehash(uint64_t buckets);
   static uint64_t BucketsFor(uint64_t singles);
 
