@@ -4,7 +4,15 @@
 # run, interleaved, several repetitions, medians reported as ratios to
 # passthrough. Not a test: nothing here asserts a time.
 #
-#   bench/run.sh [-r REPS] [-s SIZE_MIB] [-o RESULTS.md]
+#   bench/run.sh [-r REPS] [-s SIZE_MIB] [-o RESULTS.md] [-P]
+#
+# On a VM whose balloon reports free pages to the hypervisor, the run
+# holds that off while it runs, when it may (root), and says so; -P leaves
+# it on. A reported page is unbacked until it is written again, and that
+# write costs a fault in the host: every target that writes new pages (the
+# COW file, the cow filter's file, the qcow2 overlay) pays it, passthrough
+# (rewriting pages it already has) does not, and how much depends on what
+# the run before freed.
 #
 # Needs: nbdkit, the built filter, fio (nbd engine), qemu-img, qemu-nbd.
 set -euo pipefail
@@ -14,13 +22,35 @@ FILTER=${FILTER:-$top/filter/.libs/nbdkit-snapshot-filter.so}
 REPS=5
 SIZE=256
 OUT=
-while getopts r:s:o: opt; do
-  case $opt in r) REPS=$OPTARG ;; s) SIZE=$OPTARG ;; o) OUT=$OPTARG ;; *) exit 2 ;; esac
+KEEP_REPORTING=
+while getopts r:s:o:P opt; do
+  case $opt in
+    r) REPS=$OPTARG ;; s) SIZE=$OPTARG ;; o) OUT=$OPTARG ;; P) KEEP_REPORTING=1 ;;
+    *) exit 2 ;;
+  esac
 done
 work=$(mktemp -d /var/tmp/snapbench.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+reporting=/sys/module/page_reporting/parameters/page_reporting_order
+reporting_was=
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+  if [ -n "$reporting_was" ]; then echo "$reporting_was" > "$reporting"; fi
+}
 trap cleanup EXIT
+# Free pages of an order at or above page_reporting_order are reported;
+# no order reaches 11 (MAX_PAGE_ORDER is 10 here).
+if [ ! -e "$reporting" ]; then
+  reporting_note="free page reporting: not on this machine"
+elif [ -n "$KEEP_REPORTING" ]; then
+  reporting_note="free page reporting: left on (-P)"
+elif old=$(cat "$reporting") && echo 11 2>/dev/null > "$reporting"; then
+  reporting_was=$old
+  reporting_note="free page reporting: held off during the run (page_reporting_order $old -> 11)"
+else
+  reporting_note="free page reporting: on (could not hold it off: not root?)"
+fi
 cd "$work"
 sock=$work/nbd.sock
 
@@ -122,7 +152,8 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN{print b ? a/b : 0}'; }
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 report() {
-  echo "Median of $REPS runs, ${SIZE} MiB image, KiB/s and ratio to passthrough."
+  echo "Median of $REPS runs, ${SIZE} MiB image, KiB/s and ratio to passthrough;"
+  echo "$reporting_note."
   echo
   printf '| workload |'; for t in "${TARGETS[@]}"; do printf ' %s |' "$t"; done; echo
   printf '|---|'; for _ in "${TARGETS[@]}"; do printf -- '---|'; done; echo

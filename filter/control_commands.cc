@@ -48,6 +48,7 @@ std::string Take(ControlContext& ctx, const std::vector<std::string>& w) {
     return Err("usage: take NAME FILE [CHUNK-SIZE] [P|PO|N]");
   const std::string& name = w[1];
   if (absl::Status st = ValidateSnapshotName(name); !st.ok()) return Err(st.message());
+  if (absl::Status st = ctx.engine->CanTake(); !st.ok()) return Err(st.message());
   if (ctx.engine->Find(name))
     return Err(absl::StrFormat("a snapshot named %s exists already", name));
   const std::string& file = w[2];
@@ -83,7 +84,9 @@ std::string Take(ControlContext& ctx, const std::vector<std::string>& w) {
         "empty file",
         w[2], (*store)->exception_count(), (*store)->StatusLine()));
   auto snap = std::make_shared<Snapshot>(name, w[2], std::move(*store));
-  ctx.engine->Add(snap);  // waits for in-flight origin writes
+  // Waits for in-flight origin writes; checks again for a merge that
+  // started since the check above.
+  if (absl::Status st = ctx.engine->Add(snap); !st.ok()) return Err(st.message());
   LogMessage(absl::StrFormat("took snapshot %s in %s", name, w[2]));
   return absl::StrFormat("%s: %s\nOK\n", name, snap->store->StatusLine());
 }

@@ -117,15 +117,23 @@ absl::StatusOr<bool> SnapshotEngine::MergeStep() {
 
 absl::Status SnapshotEngine::MergedRead(Snapshot& m, std::span<char> buf,
                                         uint64_t offset) {
-  // The merged view is the merging snapshot's view.
-  return SnapRead(m, buf, offset);
+  // The merged view is the merging snapshot's view. A merge that finishes
+  // meanwhile leaves m dropped and empty: reading through it then reads
+  // the origin, which is right, so only a failed store is refused.
+  if (!m.store->valid()) return CheckUsable(m);
+  return ReadView(m, buf, offset);
 }
 
-absl::Status SnapshotEngine::MergedWrite(Snapshot& m, std::span<const char> data,
+absl::Status SnapshotEngine::MergedWrite(Snapshot& merged, std::span<const char> data,
                                          uint64_t length, uint64_t offset,
                                          bool fua) {
   if (length == 0) return absl::OkStatus();
   snap::ReaderMutexLock gate(&origin_gate_);
+  // The gate keeps the merge from changing now; one may have finished, or
+  // even another started, since the caller looked. A finished one is empty,
+  // and writing through it writes the origin, which is right.
+  std::shared_ptr<Snapshot> now = merging();
+  Snapshot& m = now ? *now : merged;
   const uint64_t size = origin_.size();
   const uint64_t first = offset >> m.shift;
   const uint64_t last = (offset + length - 1) >> m.shift;

@@ -5,7 +5,9 @@
 #include <system_error>
 #include <utility>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
 #include "filter/log.h"
 
 namespace snap {
@@ -29,21 +31,34 @@ OriginWriteBehind::~OriginWriteBehind() {
 
 void OriginWriteBehind::Queue(std::span<const char> data, uint64_t offset,
                               std::vector<std::shared_ptr<ExceptionStore>> stores) {
-  std::vector<char> copy = spare_.Take(data.size());
+  const uint64_t n = data.size();
+  {
+    snap::MutexLock l(&mu_);
+    // A full queue holds the client back before it copies anything: memory
+    // stays bounded however many clients wait, and a write larger than the
+    // whole queue still goes once the queue is empty.
+    while (bytes_ != 0 && bytes_ + n > max_bytes_) done_cv_.Wait(&mu_);
+    bytes_ += n;
+  }
+  bool queued = false;
+  absl::Cleanup unreserve = [&] {
+    if (queued) return;
+    snap::MutexLock l(&mu_);
+    bytes_ -= n;
+    done_cv_.SignalAll();
+  };
+  std::vector<char> copy = spare_.Take(n);
   copy.assign(data.begin(), data.end());
   Item item{0, offset, std::move(copy), std::move(stores)};
-  const uint64_t n = data.size();
   const uint64_t held = item.data.capacity();  // a reused buffer may be larger
   snap::MutexLock l(&mu_);
-  // A full queue holds the client back: memory stays bounded, and a write
-  // larger than the whole queue still goes once the queue is empty.
-  while (bytes_ != 0 && bytes_ + held > max_bytes_) done_cv_.Wait(&mu_);
   ranges_.emplace(offset, offset + n);
   longest_ = std::max(longest_, n);
-  bytes_ += held;
   item.seq = ++queued_seq_;
   pending_.store(ranges_.size());
   queue_.push_back(std::move(item));
+  bytes_ += held - n;
+  queued = true;
   queued_cv_.Signal();
 }
 
@@ -75,7 +90,21 @@ absl::Status OriginWriteBehind::Drain() {
   snap::MutexLock l(&mu_);
   const uint64_t target = queued_seq_;
   while (issued_seq_ < target) done_cv_.Wait(&mu_);
-  return std::exchange(error_, absl::OkStatus());
+  return error_;
+}
+
+absl::Status OriginWriteBehind::WriteWithRetries(const Item& item) {
+  // The client was told the write succeeded, so a failure here cannot be
+  // handed back: a passing fault (a timeout, a busy server behind the nbd
+  // plugin) gets a few more tries, in place, so later writes stay behind it.
+  absl::Status st = origin_.Write(item.data, item.offset, false);
+  for (absl::Duration pause : {absl::Milliseconds(1), absl::Milliseconds(10),
+                               absl::Milliseconds(100)}) {
+    if (st.ok()) break;
+    absl::SleepFor(pause);
+    st = origin_.Write(item.data, item.offset, false);
+  }
+  return st;
 }
 
 void OriginWriteBehind::Commit() {
@@ -138,11 +167,12 @@ void OriginWriteBehind::Issue() {
     mu_.Unlock();
     absl::Status first;
     for (const Item& item : batch) {
-      absl::Status st = origin_.Write(item.data, item.offset, false);
+      absl::Status st = WriteWithRetries(item);
       if (st.ok()) continue;
       LogMessage(absl::StrFormat(
-          "origin write of %d bytes at %d failed after it was acknowledged "
-          "(the next flush reports it): %s",
+          "origin write of %d bytes at %d failed after it was acknowledged, "
+          "and its data is lost: every flush of the origin fails from now "
+          "on; restart nbdkit once the origin is repaired: %s",
           item.data.size(), item.offset, st.message()));
       if (first.ok()) first = st;
     }

@@ -52,9 +52,10 @@ class OriginWriteBehind {
   // Bytes of buffers kept for the next writes.
   uint64_t kept_bytes() const { return spare_.kept_bytes(); }
   // Returns once every write queued before the call has been written
-  // (later ones, from other clients, do not hold it up), with (and
-  // forgetting) the first error a queued write met since the last Drain:
-  // a flush must report it, as fsync reports a failed write-back.
+  // (later ones, from other clients, do not hold it up), with the error of
+  // the first queued write that failed for good. That error stays: the
+  // write was acknowledged and is lost, and a flush that succeeded later
+  // would promise it durable, whichever client flushes.
   absl::Status Drain();
 
  private:
@@ -68,6 +69,8 @@ class OriginWriteBehind {
   // issuer, which writes it to the origin while the next batch commits.
   void Commit();
   void Issue();
+  // Writes item to the origin, trying again after a failure.
+  absl::Status WriteWithRetries(const Item& item);
   bool OverlapsLocked(uint64_t offset, uint64_t length) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

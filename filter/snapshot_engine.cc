@@ -8,6 +8,7 @@
 #include <optional>
 #include <utility>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_format.h"
 #include "filter/errno_status.h"
 #include "filter/log.h"
@@ -41,8 +42,9 @@ std::string Snapshot::Description() const {
                          store->StatusLine());
 }
 
-void SnapshotEngine::Add(std::shared_ptr<Snapshot> snap) {
+absl::Status SnapshotEngine::Add(std::shared_ptr<Snapshot> snap) {
   snap::MutexLock gate(&origin_gate_);
+  if (absl::Status st = CanTake(); !st.ok()) return st;
   // Acknowledged writes are part of the point in time: they reach the
   // origin before the new snapshot starts taking copy-outs from it.
   behind_.WaitIdle();
@@ -51,6 +53,16 @@ void SnapshotEngine::Add(std::shared_ptr<Snapshot> snap) {
   std::stable_sort(snaps_.begin(), snaps_.end(), [](const auto& a, const auto& b) {
     return a->chunk_bytes > b->chunk_bytes;
   });
+  return absl::OkStatus();
+}
+
+absl::Status SnapshotEngine::CanTake() const {
+  if (std::shared_ptr<Snapshot> m = merging())
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "snapshot %s is merging into the origin: take the new snapshot once "
+        "the merge is done",
+        m->name));
+  return absl::OkStatus();
 }
 
 std::shared_ptr<Snapshot> SnapshotEngine::Find(std::string_view name) const {
@@ -157,6 +169,12 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
                                       cow.status().message()));
       return absl::OkStatus();
     }
+    // Given back on every way out but its commit, an exception included: a
+    // slot left pending would hold back every later flush of the store.
+    bool committing = false;
+    absl::Cleanup abandon = [&] {
+      if (!committing) store.Abandon(*cow);
+    };
     // Copy the old chunk, cut at the origin's end, in bounded pieces.
     absl::Status st;
     if (read_first) st = store.WriteChunk(*cow, 0, buf);
@@ -164,15 +182,11 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
       const uint64_t n = std::min(end - pos, kCopyBuffer);
       buf = mem.first(n);
       st = origin_.Read(buf, pos);
-      if (!st.ok()) {
-        store.Abandon(*cow);
-        return st;  // the origin failed: so does the write, nothing lost
-      }
+      if (!st.ok()) return st;  // the origin failed: so does the write, nothing lost
       st = store.WriteChunk(*cow, pos - start, buf);
       pos += n;
     }
     if (!st.ok()) {
-      store.Abandon(*cow);
       if (absl::IsResourceExhausted(st)) {
         // The filesystem under the COW file is full: refuse the origin
         // write rather than lose the snapshot's old data or the snapshot.
@@ -187,6 +201,7 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
     }
     // Only the last commit waits: records are durable in allocation order.
     const bool last = i + 1 == need.size();
+    committing = true;
     if (absl::Status cst = store.Commit(*cow, wait && last); !cst.ok())
       return absl::OkStatus();  // the store is invalid now, as in dm
     if (!wait) *pending = true;
@@ -228,8 +243,7 @@ absl::Status SnapshotEngine::OriginWrite(std::span<const char> buf,
       return FlushIfFua(origin_.Write(buf, offset, false), fua);
     }
   }
-  // A merge that finishes meanwhile leaves an empty snapshot: MergedWrite
-  // then writes the origin, which is right.
+  // The merge may finish before MergedWrite takes the gate: it looks again.
   return MergedWrite(*m, buf, buf.size(), offset, fua);
 }
 
@@ -292,11 +306,11 @@ absl::Status SnapshotEngine::FlushIfFua(absl::Status st, bool fua) {
 }
 
 absl::Status SnapshotEngine::OriginFlush() {
-  // Acknowledged writes first; one that failed since the last flush
-  // fails this flush, as a failed write-back fails fsync.
+  // Acknowledged writes first. Once one is lost, no flush may succeed.
   if (absl::Status st = behind_.Drain(); !st.ok())
-    return ErrnoError(EIO, absl::StrCat("an acknowledged origin write failed: ",
-                                        st.message()));
+    return ErrnoError(EIO, absl::StrCat(
+        "an acknowledged origin write failed and is lost; origin flushes "
+        "fail until nbdkit restarts: ", st.message()));
   // While merging, the merged view lives in both the origin and the COW.
   if (std::shared_ptr<Snapshot> m = merging())
     if (absl::Status st = m->store->Flush(); !st.ok())
@@ -310,6 +324,15 @@ absl::Status SnapshotEngine::OriginFlush() {
 absl::Status SnapshotEngine::SnapRead(Snapshot& s, std::span<char> buf,
                                       uint64_t offset) {
   if (absl::Status st = CheckUsable(s); !st.ok()) return st;
+  if (absl::Status st = ReadView(s, buf, offset); !st.ok()) return st;
+  // Dropped or invalidated meanwhile: origin writes stopped waiting for
+  // this read, so what it took from the origin may be newer than the
+  // snapshot. dm fails I/O to an invalid snapshot; so does this.
+  return CheckUsable(s);
+}
+
+absl::Status SnapshotEngine::ReadView(Snapshot& s, std::span<char> buf,
+                                      uint64_t offset) {
   if (buf.empty()) return absl::OkStatus();
   const uint64_t first = offset >> s.shift;
   const uint64_t last = (offset + buf.size() - 1) >> s.shift;
@@ -360,7 +383,25 @@ absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
   // Pieces that go straight to the COW are gathered into runs of
   // consecutive COW chunks, so a sequential write is one pwrite, not one
   // per chunk. New exceptions are committed once their data is written.
+  // New exceptions' slots, committed in order once their data is written.
+  // The rest are given back on every way out, an exception included: a
+  // slot left pending would hold back every later flush of the store.
   std::vector<uint64_t> fresh;
+  fresh.reserve(last - first + 1);  // no throw between Allocate and here
+  size_t committed = 0;
+  absl::Cleanup abandon = [&] {
+    for (size_t i = committed; i < fresh.size(); ++i) store.Abandon(fresh[i]);
+  };
+  // With wait (FUA), waiting for the last record covers the ones before it.
+  auto commit_fresh = [&](bool wait) -> absl::Status {
+    while (committed < fresh.size()) {
+      const uint64_t cow = fresh[committed++];
+      if (absl::Status st = store.Commit(cow, wait && committed == fresh.size());
+          !st.ok())
+        return st;
+    }
+    return absl::OkStatus();
+  };
   uint64_t run_cow = 0, run_in = 0, run_len = 0, run_src = 0;
   auto write_run = [&]() -> absl::Status {
     if (run_len == 0) return absl::OkStatus();
@@ -369,7 +410,6 @@ absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
     return store.WriteChunk(run_cow, run_in, data.subspan(run_src, len));
   };
   auto fail = [&](absl::Status st) {
-    for (uint64_t cow : fresh) store.Abandon(cow);
     // A full filesystem fails the write and keeps the snapshot valid.
     return ErrnoError(absl::IsResourceExhausted(st) ? ENOSPC : EIO, st.message());
   };
@@ -395,17 +435,14 @@ absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
       if (read_first) {
         tmp = scratch(cend - cstart);
         if (absl::Status st = origin_.Read(tmp, cstart); !st.ok()) {
-          absl::Status wst = write_run();
-          for (uint64_t f : fresh)
-            if (wst.ok()) wst = store.Commit(f, fua);
+          // The chunks before this one keep their new data.
+          if (write_run().ok()) (void)commit_fresh(false);
           return st;
         }
       }
       absl::StatusOr<uint64_t> got = store.Allocate(c, WriteSource::kSnapshot);
       if (!got.ok()) {
-        absl::Status st = write_run();
-        for (uint64_t f : fresh)
-          if (st.ok()) st = store.Commit(f, fua);
+        if (write_run().ok()) (void)commit_fresh(false);
         if (!store.valid())
           return ErrnoError(EIO, absl::StrFormat("snapshot %s is invalid: %s",
                                                  s.name, store.invalid_reason()));
@@ -455,14 +492,7 @@ absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
     run_src = a - offset;
   }
   if (absl::Status st = write_run(); !st.ok()) return fail(st);
-  for (size_t i = 0; i < fresh.size(); ++i) {
-    // With FUA, waiting for the last record covers the ones before it.
-    const bool wait = fua && i + 1 == fresh.size();
-    if (absl::Status st = store.Commit(fresh[i], wait); !st.ok()) {
-      for (size_t j = i + 1; j < fresh.size(); ++j) store.Abandon(fresh[j]);
-      return ErrnoError(EIO, st.message());
-    }
-  }
+  if (absl::Status st = commit_fresh(fua); !st.ok()) return ErrnoError(EIO, st.message());
   if (fua)
     if (absl::Status st = store.Flush(); !st.ok()) return ErrnoError(EIO, st.message());
   return absl::OkStatus();

@@ -47,8 +47,12 @@ class SnapshotEngine {
       : origin_(origin), behind_(origin, kWriteBehindBytes) {}
 
   // Snapshots are kept largest chunk first (dm: "sort by chunk size to fix
-  // race").
-  void Add(std::shared_ptr<Snapshot> snap);
+  // race"). Refused while a merge runs: the origin's chunks that the merge
+  // has not reached yet are not what the origin export shows (lvm2 too
+  // refuses to snapshot an origin that is merging).
+  absl::Status Add(std::shared_ptr<Snapshot> snap);
+  // Why a snapshot cannot be taken now (a merge runs), or OK.
+  absl::Status CanTake() const;
   std::shared_ptr<Snapshot> Find(std::string_view name) const;
   // Removes a snapshot (not while it merges): origin writes stop copying
   // out to it, and I/O still open on it fails.
@@ -104,9 +108,10 @@ class SnapshotEngine {
   void FinishMerge();
 
  private:
-  // The origin export's I/O while a merge runs (merge.cc).
+  // The origin export's I/O while a merge runs (merge.cc); merged is the
+  // merge the caller saw.
   absl::Status MergedRead(Snapshot& m, std::span<char> buf, uint64_t offset);
-  absl::Status MergedWrite(Snapshot& m, std::span<const char> data,
+  absl::Status MergedWrite(Snapshot& merged, std::span<const char> data,
                            uint64_t length, uint64_t offset, bool fua);
   // st, or with FUA and st OK, an origin flush: FUA on the origin export.
   absl::Status FlushIfFua(absl::Status st, bool fua);
@@ -120,6 +125,8 @@ class SnapshotEngine {
                           uint64_t length, uint64_t offset, bool zero,
                           bool fua);
   absl::Status CheckUsable(const Snapshot& s) const;
+  // s's contents, without checking that s may be read.
+  absl::Status ReadView(Snapshot& s, std::span<char> buf, uint64_t offset);
 
   OriginIo& origin_;
   // Origin writes hold it shared; taking a snapshot live holds it

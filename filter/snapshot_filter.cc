@@ -204,7 +204,11 @@ int snapshot_after_fork(nbdkit_backend* backend) {
     if (!g_origin.Open(backend, g_thread_model < NBDKIT_THREAD_MODEL_PARALLEL))
       return -1;
     g_engine = std::make_unique<SnapshotEngine>(g_origin);
-    for (auto& s : g_opened) g_engine->Add(s);
+    for (auto& s : g_opened)
+      if (absl::Status st = g_engine->Add(s); !st.ok()) {  // no merge yet
+        nbdkit_error("%s", std::string(st.message()).c_str());
+        return -1;
+      }
     if (g_config.merge) {
       std::shared_ptr<Snapshot> m = g_engine->Find(*g_config.merge);
       g_engine->StartMerge(m);
@@ -311,8 +315,12 @@ int snapshot_block_size(nbdkit_next*, void* handle, uint32_t* minimum,
   if (h.snap) {
     chunk = h.snap->chunk_bytes;
   } else {
-    for (const auto& s : g_engine->List())
-      chunk = chunk == 0 ? s->chunk_bytes : std::min(chunk, s->chunk_bytes);
+    try {  // List copies: it may throw
+      for (const auto& s : g_engine->List())
+        chunk = chunk == 0 ? s->chunk_bytes : std::min(chunk, s->chunk_bytes);
+    } catch (...) {
+      chunk = 0;  // a hint only: fall back to the default
+    }
   }
   *minimum = 1;
   *preferred = static_cast<uint32_t>(std::clamp<uint64_t>(chunk, 512, 32 << 20));

@@ -188,7 +188,7 @@ START_TEST(parallel_io) {
                               st->chunk_sectors);
       st->part = std::make_unique<Partition>(100 + st->id);
       st->want = take;
-      engine.Add(st->snap);
+      ASSERT_OK(engine.Add(st->snap));
       all.push_back(std::move(st));
     }
     std::atomic<int> failures{0};
@@ -334,7 +334,7 @@ START_TEST(parallel_io) {
     auto s = OpenSnapshot("s" + std::to_string(st->id), st->path, 0);
     ck_assert_int_eq(s->store->chunk_sectors(), st->chunk_sectors);
     ck_assert_int_eq(s->store->exception_count(), st->exceptions);
-    engine2.Add(s);
+    ASSERT_OK(engine2.Add(s));
     ASSERT_OK(engine2.SnapRead(*s, got, 0));
     ck_assert_msg(got == st->want, "reopened snapshot %d: %s", st->id,
                   FirstDiff(got, st->want, s->chunk_bytes).c_str());
@@ -352,7 +352,7 @@ START_TEST(live_take) {
   snap::SnapshotEngine engine(origin);
   const std::string dir = TempDir();
   auto early = OpenSnapshot("early", dir + "/early.cow", 8);
-  engine.Add(early);
+  ASSERT_OK(engine.Add(early));
   const Partition part(7);
 
   struct Write {
@@ -392,7 +392,7 @@ START_TEST(live_take) {
   int lo[kThreads], hi[kThreads];
   auto late = OpenSnapshot("late", dir + "/late.cow", 1);
   for (int t = 0; t < kThreads; ++t) lo[t] = done[t].load();
-  engine.Add(late);
+  ASSERT_OK(engine.Add(late));
   for (int t = 0; t < kThreads; ++t) hi[t] = started[t].load();
   wait_for([&](int t) { return hi[t] + 5; });
   stop.store(true);
