@@ -113,6 +113,10 @@ std::string Merge(ControlContext& ctx, const std::vector<std::string>& w) {
                                w[1]));
   if (!s->store->valid())
     return Err(absl::StrFormat("%s is invalid: nothing consistent to merge", w[1]));
+  // Their writes would land in chunks the merge has already moved.
+  if (int n = s->clients.load(); n > 0)
+    return Err(absl::StrFormat(
+        "%s is open by %d client(s): merge it once they disconnect", w[1], n));
   if (absl::Status st = s->store->Flush(); !st.ok()) return Err(st.message());
   ctx.engine->StartMerge(s);
   ctx.merge->Start(*ctx.engine, s, ctx.merge_done);

@@ -103,6 +103,16 @@ absl::Status SnapshotEngine::CheckUsable(const Snapshot& s) const {
   return absl::OkStatus();
 }
 
+absl::Status SnapshotEngine::CheckWritable(const Snapshot& s) const {
+  // The merge moves the COW's chunks into the origin and forgets them: a
+  // write there now would be acknowledged and then lost.
+  if (s.merging.load())
+    return ErrnoError(EROFS, absl::StrFormat(
+        "snapshot %s is merging into the origin: it takes no more writes",
+        s.name));
+  return CheckUsable(s);
+}
+
 // ------------------------------------------------------------------ origin
 
 absl::Status SnapshotEngine::OriginRead(std::span<char> buf, uint64_t offset) {
@@ -368,7 +378,7 @@ absl::Status SnapshotEngine::ReadView(Snapshot& s, std::span<char> buf,
 absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
                                         uint64_t length, uint64_t offset,
                                         bool zero, bool fua) {
-  if (absl::Status st = CheckUsable(s); !st.ok()) return st;
+  if (absl::Status st = CheckWritable(s); !st.ok()) return st;
   if (s.store->overflowed())
     return ErrnoError(ENOSPC, absl::StrFormat(
         "snapshot %s overflowed: its COW file is full, writes fail until "
@@ -523,7 +533,7 @@ absl::Status SnapshotEngine::SnapTrim(Snapshot& s, uint64_t length,
                                       uint64_t offset) {
   // Advisory: free the space of whole chunks already in the COW; never
   // touch the origin.
-  if (absl::Status st = CheckUsable(s); !st.ok()) return st;
+  if (absl::Status st = CheckWritable(s); !st.ok()) return st;
   if (length == 0) return absl::OkStatus();
   const uint64_t size = origin_.size();
   const uint64_t first = offset >> s.shift;

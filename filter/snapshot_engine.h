@@ -32,6 +32,7 @@ struct Snapshot {
   ChunkLocks locks;
   std::atomic<bool> merging{false};
   std::atomic<bool> dropped{false};  // removed live; open connections fail
+  std::atomic<int> clients{0};       // connections open on its export
 
   // One line for nbdinfo --list and logs: the dm status and the store type.
   std::string Description() const;
@@ -125,6 +126,8 @@ class SnapshotEngine {
                           uint64_t length, uint64_t offset, bool zero,
                           bool fua);
   absl::Status CheckUsable(const Snapshot& s) const;
+  // CheckUsable, and not merging.
+  absl::Status CheckWritable(const Snapshot& s) const;
   // s's contents, without checking that s may be read.
   absl::Status ReadView(Snapshot& s, std::span<char> buf, uint64_t offset);
 

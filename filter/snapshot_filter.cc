@@ -280,7 +280,13 @@ void* snapshot_open(nbdkit_next_open*, nbdkit_context*, int readonly,
     auto* h = new Handle{nullptr, readonly != 0};
     if (name == kOriginExport) return h;
     h->snap = g_engine->Find(name);
-    if (h->snap && !h->snap->merging.load()) return h;
+    if (h->snap) {
+      // Counted first: a merge refuses a snapshot with clients, and one
+      // that starts anyway finds its writes refused (CheckWritable).
+      ++h->snap->clients;
+      if (!h->snap->merging.load()) return h;
+      --h->snap->clients;
+    }
     delete h;
     nbdkit_error("snapshot: unknown export '%s': this server exports %s",
                  name.c_str(), ExportNames().c_str());
@@ -290,7 +296,11 @@ void* snapshot_open(nbdkit_next_open*, nbdkit_context*, int readonly,
   return nullptr;
 }
 
-void snapshot_close(void* handle) { delete static_cast<Handle*>(handle); }
+void snapshot_close(void* handle) {
+  auto* h = static_cast<Handle*>(handle);
+  if (h->snap) --h->snap->clients;
+  delete h;
+}
 
 Handle& H(void* handle) { return *static_cast<Handle*>(handle); }
 

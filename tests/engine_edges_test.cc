@@ -4,6 +4,8 @@
 //
 // - a snapshot taken while another merges would have saved the raw origin,
 //   not the merged view the origin export shows: it is refused;
+// - a write to a merging snapshot (from a connection opened before the
+//   merge) was acknowledged, then lost as the merge moved on: refused;
 // - an origin read racing the end of a merge failed with EIO;
 // - a snapshot read served from the origin while the snapshot was dropped
 //   returned data written after the drop;
@@ -44,6 +46,30 @@ START_TEST(take_during_merge_is_refused) {
   ASSERT_OK(r.engine.CanTake());
   r.Take(s);
   ck_assert(r.SnapRead(*s, 0, kChunk) == Fill(kChunk, 'M'));
+}
+END_TEST
+
+START_TEST(merging_snapshot_refuses_writes) {
+  Rig r;
+  std::shared_ptr<Snapshot> m = r.NewSnapshot("m");
+  r.Take(m);
+  ASSERT_OK(r.engine.SnapWrite(*m, Fill(kChunk, 'M'), 0, true));
+  r.engine.StartMerge(m);
+  absl::Status st = r.engine.SnapWrite(*m, Fill(kChunk, 'N'), 5 * kChunk, false);
+  ck_assert_msg(!st.ok() && st.message().find("merging") != std::string::npos,
+                "write to a merging snapshot: %s", st.ToString().c_str());
+  ck_assert(!r.engine.SnapZero(*m, kChunk, 6 * kChunk, false, false).ok());
+  ck_assert(!r.engine.SnapTrim(*m, kChunk, 0).ok());
+  // Reads still show the snapshot, which is what the origin becomes.
+  ck_assert(r.SnapRead(*m, 0, kChunk) == Fill(kChunk, 'M'));
+  for (;;) {
+    absl::StatusOr<bool> done = r.engine.MergeStep();
+    ASSERT_OK(done.status());
+    if (*done) break;
+  }
+  r.engine.FinishMerge();
+  ck_assert(r.Origin(0, kChunk) == Fill(kChunk, 'M'));
+  ck_assert(r.Origin(5 * kChunk, 2 * kChunk) == Fill(2 * kChunk, 'o'));
 }
 END_TEST
 
@@ -148,6 +174,7 @@ int main() {
   TCase* tc = tcase_create("edges");
   tcase_set_timeout(tc, 120);
   tcase_add_test(tc, take_during_merge_is_refused);
+  tcase_add_test(tc, merging_snapshot_refuses_writes);
   tcase_add_test(tc, origin_reads_go_on_as_a_merge_finishes);
   tcase_add_test(tc, snapshot_read_fails_if_the_snapshot_is_dropped_meanwhile);
   tcase_add_test(tc, failed_snapshot_write_leaves_no_slot_pending);

@@ -3,7 +3,8 @@
 # file alone from then on, and fails I/O on connections opened before it;
 # merge runs in the background (status shows its progress), the origin ends
 # as the snapshot's view, other snapshots keep theirs; refusals: a drop of
-# the merging snapshot, a second merge, a merge of a transient (N) store.
+# the merging snapshot, a second merge, a merge of a transient (N) store,
+# a merge of a snapshot a client has open, a take while a merge runs.
 # Origin writes go through nbdkit's delay filter so that the merge takes a
 # while. Uses only the control socket (no nbdsnap).
 source "$srcdir/functions.sh"
@@ -130,10 +131,26 @@ ctl take trans "$tmp/trans.cow" 4k N
 ctl_err 'transient' merge trans
 ctl_err '' merge nosuch
 ctl_err usage merge
+# Not while a client has m1 open: its writes would land in chunks the
+# merge has already moved, and be lost.
+python3 - <<'PY' &
+import nbd, os, time
+h = nbd.NBD(); h.connect_uri("nbd+unix:///m1?socket=%s/sock" % os.environ["tmp"])
+open("m1-open", "w").write("1")
+while not os.path.exists("m1-refused"): time.sleep(0.05)
+h.shutdown()
+PY
+holder=$!
+for i in $(seq 200); do [ -e m1-open ] && break; sleep 0.05; done
+ctl_err 'm1 is open by 1 client' merge m1
+touch m1-refused
+wait $holder
 
 ctl merge m1 | tee merge.out
 grep -q 'merging m1' merge.out
 # While it runs: refusals, status, and the export list.
+ctl_err 'm1 is merging' take late "$tmp/late.cow"
+test ! -e late.cow
 ctl_err "" merge other
 ctl_err "" drop m1
 ctl status | tee status.out
