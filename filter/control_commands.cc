@@ -111,6 +111,9 @@ std::string Merge(ControlContext& ctx, const std::vector<std::string>& w) {
   if (s->store->type() == StoreType::kTransient)
     return Err(absl::StrFormat("%s is a transient (N) store: it cannot be merged",
                                w[1]));
+  if (!ctx.engine->origin_writable())
+    return Err("the origin is read-only (the plugin below cannot write): "
+               "nothing can be merged into it");
   if (!s->store->valid())
     return Err(absl::StrFormat("%s is invalid: nothing consistent to merge", w[1]));
   // Their writes would land in chunks the merge has already moved.

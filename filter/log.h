@@ -6,8 +6,11 @@
 
 namespace snap {
 
-using LogSink = void (*)(const std::string& message);
+// error: something the user must hear about (nbdkit_error), not only with
+// -v (nbdkit_debug).
+using LogSink = void (*)(bool error, const std::string& message);
 void SetLogSink(LogSink sink);
 void LogMessage(const std::string& message);
+void LogError(const std::string& message);
 
 }  // namespace snap

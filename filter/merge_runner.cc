@@ -48,7 +48,7 @@ void MergeRunner::Run() {
         state_ = absl::StrFormat("merge of %s failed: %s", snap_->name,
                                  done.status().message());
       }
-      LogMessage(absl::StrFormat(
+      LogError(absl::StrFormat(
           "merge of %s failed: %s; restart nbdkit to resume it", snap_->name,
           done.status().message()));
       running_.store(false);

@@ -10,7 +10,8 @@
 namespace snap {
 namespace {
 
-// nbdkit requests carry at most 4 GiB - 1 bytes; split bigger ones.
+// Requests to the plugin are split at this size (or at its maximum block
+// size, when smaller).
 constexpr uint64_t kMaxRequest = 64 << 20;
 
 absl::Status OriginError(const char* what, uint64_t offset, int err) {
@@ -37,6 +38,7 @@ bool NbdkitOrigin::Open(nbdkit_backend* backend, bool serialize) {
   int64_t size = next_->get_size(next_);
   if (size < 0) {
     nbdkit_error("snapshot: cannot get the origin's size");
+    Close();
     return false;
   }
   size_ = static_cast<uint64_t>(size);
@@ -47,9 +49,21 @@ bool NbdkitOrigin::Open(nbdkit_backend* backend, bool serialize) {
   can_trim_ = can_write_ && next_->can_trim(next_) == 1;
   can_zero_ = can_write_ && next_->can_zero(next_) > NBDKIT_ZERO_NONE;
   can_fua_ = can_write_ && next_->can_fua(next_) > NBDKIT_FUA_NONE;
-  (void)next_->can_fast_zero(next_);
+  can_fast_zero_ = can_zero_ && next_->can_fast_zero(next_) == 1;
   can_extents_ = next_->can_extents(next_) == 1;
   (void)next_->can_cache(next_);
+  uint32_t min = 0, pref = 0, max = 0;
+  if (next_->block_size(next_, &min, &pref, &max) == -1) {
+    nbdkit_error("snapshot: cannot get the origin's block size");
+    Close();
+    return false;
+  }
+  if (min != 0) {  // nbdkit guarantees powers of two, min <= pref <= max
+    block_min_ = min;
+    block_preferred_ = pref;
+    block_max_ = max;
+  }
+  max_request_ = std::min<uint64_t>(kMaxRequest, block_max_) / block_min_ * block_min_;
   return true;
 }
 
@@ -62,7 +76,7 @@ void NbdkitOrigin::Close() {
 
 absl::Status NbdkitOrigin::Read(std::span<char> buf, uint64_t offset) {
   for (uint64_t done = 0; done < buf.size();) {
-    uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(buf.size() - done, kMaxRequest));
+    uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(buf.size() - done, max_request_));
     int err = 0;
     auto g = Guard();
     if (next_->pread(next_, buf.data() + done, n, offset + done, 0, &err) == -1)
@@ -76,7 +90,7 @@ absl::Status NbdkitOrigin::Write(std::span<const char> buf, uint64_t offset,
                                  bool fua) {
   if (!can_write_) return ErrnoError(EROFS, "the origin is read-only");
   for (uint64_t done = 0; done < buf.size();) {
-    uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(buf.size() - done, kMaxRequest));
+    uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(buf.size() - done, max_request_));
     int err = 0;
     auto g = Guard();
     uint32_t flags = fua && can_fua_ ? NBDKIT_FLAG_FUA : 0;
@@ -89,13 +103,14 @@ absl::Status NbdkitOrigin::Write(std::span<const char> buf, uint64_t offset,
 }
 
 absl::Status NbdkitOrigin::Zero(uint64_t length, uint64_t offset, bool may_trim,
-                                bool fua) {
+                                bool fua, bool fast) {
   for (uint64_t done = 0; done < length;) {
-    uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(length - done, kMaxRequest));
+    uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(length - done, max_request_));
     int err = 0;
     auto g = Guard();
     uint32_t flags = (may_trim ? NBDKIT_FLAG_MAY_TRIM : 0) |
-                     (fua && can_fua_ ? NBDKIT_FLAG_FUA : 0);
+                     (fua && can_fua_ ? NBDKIT_FLAG_FUA : 0) |
+                     (fast ? NBDKIT_FLAG_FAST_ZERO : 0);
     if (next_->zero(next_, n, offset + done, flags, &err) == -1)
       return OriginError("zero", offset + done, err);
     done += n;
@@ -106,7 +121,7 @@ absl::Status NbdkitOrigin::Zero(uint64_t length, uint64_t offset, bool may_trim,
 
 absl::Status NbdkitOrigin::Trim(uint64_t length, uint64_t offset, bool fua) {
   for (uint64_t done = 0; done < length;) {
-    uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(length - done, kMaxRequest));
+    uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(length - done, max_request_));
     int err = 0;
     auto g = Guard();
     uint32_t flags = fua && can_fua_ ? NBDKIT_FLAG_FUA : 0;

@@ -23,6 +23,10 @@ class NbdkitOrigin final : public OriginIo {
   uint64_t size() const override { return size_; }
   bool can_write() const override { return can_write_; }
   bool can_zero() const override { return can_zero_; }
+  bool can_fast_zero() const override { return can_fast_zero_; }
+  uint32_t block_min() const override { return block_min_; }
+  uint32_t block_preferred() const { return block_preferred_; }
+  uint32_t block_max() const { return block_max_; }
   bool can_trim() const override { return can_trim_; }
   bool can_fua() const override { return can_fua_; }
   bool can_flush() const override { return can_flush_; }
@@ -32,7 +36,7 @@ class NbdkitOrigin final : public OriginIo {
   absl::Status Write(std::span<const char> buf, uint64_t offset,
                      bool fua) override;
   absl::Status Zero(uint64_t length, uint64_t offset, bool may_trim,
-                    bool fua) override;
+                    bool fua, bool fast) override;
   absl::Status Trim(uint64_t length, uint64_t offset, bool fua) override;
   absl::Status Flush() override;
   // Extents of [offset, offset+length) from the plugin, into `out`.
@@ -52,6 +56,11 @@ class NbdkitOrigin final : public OriginIo {
   uint64_t size_ = 0;
   bool can_write_ = false, can_zero_ = false, can_trim_ = false;
   bool can_fua_ = false, can_flush_ = false, can_extents_ = false;
+  bool can_fast_zero_ = false;
+  // The plugin's block size constraints (1, 0 and 0xffffffff when none);
+  // requests to it are split at max_request_, a multiple of block_min_.
+  uint32_t block_min_ = 1, block_preferred_ = 0, block_max_ = 0xffffffff;
+  uint64_t max_request_ = 0;
 };
 
 }  // namespace snap

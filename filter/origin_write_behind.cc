@@ -169,7 +169,7 @@ void OriginWriteBehind::Issue() {
     for (const Item& item : batch) {
       absl::Status st = WriteWithRetries(item);
       if (st.ok()) continue;
-      LogMessage(absl::StrFormat(
+      LogError(absl::StrFormat(
           "origin write of %d bytes at %d failed after it was acknowledged, "
           "and its data is lost: every flush of the origin fails from now "
           "on; restart nbdkit once the origin is repaired: %s",

@@ -45,6 +45,12 @@ std::string Snapshot::Description() const {
 absl::Status SnapshotEngine::Add(std::shared_ptr<Snapshot> snap) {
   snap::MutexLock gate(&origin_gate_);
   if (absl::Status st = CanTake(); !st.ok()) return st;
+  // Copy-outs read whole chunks from the origin.
+  if (snap->chunk_bytes < origin_.block_min())
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "snapshot %s: its chunk size %d is under the origin's minimum block "
+        "size %d: use a chunk size of at least %d",
+        snap->name, snap->chunk_bytes, origin_.block_min(), origin_.block_min()));
   // Acknowledged writes are part of the point in time: they reach the
   // origin before the new snapshot starts taking copy-outs from it.
   behind_.WaitIdle();
@@ -175,7 +181,7 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
     absl::StatusOr<uint64_t> cow = store.Allocate(c, WriteSource::kOrigin);
     if (!cow.ok()) {
       // Full: the store invalidated itself (dm); the origin write goes on.
-      LogMessage(absl::StrFormat("snapshot %s: %s", s.name,
+      LogError(absl::StrFormat("snapshot %s: %s", s.name,
                                       cow.status().message()));
       return absl::OkStatus();
     }
@@ -204,7 +210,7 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
             "snapshot %s: no space to save the old data: %s", s.name,
             st.message()));
       }
-      LogMessage(absl::StrFormat("snapshot %s: invalidated: copy to %s failed: %s",
+      LogError(absl::StrFormat("snapshot %s: invalidated: copy to %s failed: %s",
                                  s.name, s.path, st.message()));
       store.Invalidate(absl::StrCat("copy to the COW file failed: ", st.message()));
       return absl::OkStatus();
@@ -271,6 +277,8 @@ absl::Status SnapshotEngine::OriginZero(uint64_t length, uint64_t offset,
 
 absl::Status SnapshotEngine::OriginZeroLocked(uint64_t length, uint64_t offset,
                                               bool may_trim, bool fua, bool fast) {
+  if (fast && !origin_.can_fast_zero())
+    return ErrnoError(ENOTSUP, "the origin has no fast zero");
   if (fast) {
     // A zero that must first copy chunks out is not fast.
     for (const auto& s : List()) {
@@ -284,7 +292,7 @@ absl::Status SnapshotEngine::OriginZeroLocked(uint64_t length, uint64_t offset,
   behind_.WaitFor(offset, length);
   absl::Status st;
   if (origin_.can_zero()) {
-    st = origin_.Zero(length, offset, may_trim, false);
+    st = origin_.Zero(length, offset, may_trim, false, fast);
   } else {
     for (uint64_t done = 0; done < length && st.ok();) {
       uint64_t n = std::min<uint64_t>(length - done, kCopyBuffer);

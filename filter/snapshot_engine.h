@@ -52,8 +52,12 @@ class SnapshotEngine {
   // has not reached yet are not what the origin export shows (lvm2 too
   // refuses to snapshot an origin that is merging).
   absl::Status Add(std::shared_ptr<Snapshot> snap);
+  // EIO with the reason when s was dropped or is invalid (dm fails I/O to
+  // an invalid snapshot).
+  absl::Status CheckUsable(const Snapshot& s) const;
   // Why a snapshot cannot be taken now (a merge runs), or OK.
   absl::Status CanTake() const;
+  bool origin_writable() const { return origin_.can_write(); }
   std::shared_ptr<Snapshot> Find(std::string_view name) const;
   // Removes a snapshot (not while it merges): origin writes stop copying
   // out to it, and I/O still open on it fails.
@@ -125,7 +129,6 @@ class SnapshotEngine {
   absl::Status SnapModify(Snapshot& s, std::span<const char> data,
                           uint64_t length, uint64_t offset, bool zero,
                           bool fua);
-  absl::Status CheckUsable(const Snapshot& s) const;
   // CheckUsable, and not merging.
   absl::Status CheckWritable(const Snapshot& s) const;
   // s's contents, without checking that s may be read.

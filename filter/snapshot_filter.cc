@@ -32,13 +32,19 @@ NbdkitOrigin g_origin;
 std::unique_ptr<SnapshotEngine> g_engine;
 MergeRunner g_merge;
 ControlServer g_control;
+std::string g_unusable;  // why after_fork could not start: opens are refused
 
 struct Handle {
   std::shared_ptr<Snapshot> snap;  // null: the origin export
   bool readonly;
 };
 
-void LogToNbdkit(const std::string& m) { nbdkit_debug("snapshot: %s", m.c_str()); }
+void LogToNbdkit(bool error, const std::string& m) {
+  if (error)
+    nbdkit_error("snapshot: %s", m.c_str());
+  else
+    nbdkit_debug("snapshot: %s", m.c_str());
+}
 
 // Runs body; turns a failed status or any exception into -1 and *err.
 template <typename F>
@@ -199,20 +205,36 @@ int snapshot_get_ready(int thread_model) {
   return 0;
 }
 
+// Opens the origin and starts serving; an error leaves the server up but
+// refusing every connection (see snapshot_after_fork).
+absl::Status StartServing(nbdkit_backend* backend) {
+  if (!g_origin.Open(backend, g_thread_model < NBDKIT_THREAD_MODEL_PARALLEL))
+    return absl::UnavailableError("cannot open the origin (see the error above)");
+  auto engine = std::make_unique<SnapshotEngine>(g_origin);
+  for (auto& s : g_opened)
+    if (absl::Status st = engine->Add(s); !st.ok()) return st;  // no merge yet
+  if (g_config.merge && !g_origin.can_write())
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "snapshot-merge=%s: the origin is read-only (the plugin below cannot "
+        "write), so nothing can be merged into it",
+        *g_config.merge));
+  g_engine = std::move(engine);
+  if (g_config.merge) {
+    std::shared_ptr<Snapshot> m = g_engine->Find(*g_config.merge);
+    g_engine->StartMerge(m);
+    g_merge.Start(*g_engine, m, &MergeDone);
+  }
+  return absl::OkStatus();
+}
+
 int snapshot_after_fork(nbdkit_backend* backend) {
   try {
-    if (!g_origin.Open(backend, g_thread_model < NBDKIT_THREAD_MODEL_PARALLEL))
-      return -1;
-    g_engine = std::make_unique<SnapshotEngine>(g_origin);
-    for (auto& s : g_opened)
-      if (absl::Status st = g_engine->Add(s); !st.ok()) {  // no merge yet
-        nbdkit_error("%s", std::string(st.message()).c_str());
-        return -1;
-      }
-    if (g_config.merge) {
-      std::shared_ptr<Snapshot> m = g_engine->Find(*g_config.merge);
-      g_engine->StartMerge(m);
-      g_merge.Start(*g_engine, m, &MergeDone);
+    // Failing here would stop the server without a word to --run's command,
+    // which then waits for ever: stay up and refuse every connection.
+    if (absl::Status st = StartServing(backend); !st.ok()) {
+      g_unusable = std::string(st.message());
+      nbdkit_error("snapshot: %s", g_unusable.c_str());
+      return 0;
     }
     ControlContext control;
     control.engine = g_engine.get();
@@ -275,6 +297,10 @@ const char* snapshot_default_export(nbdkit_next_default_export*, nbdkit_backend*
 void* snapshot_open(nbdkit_next_open*, nbdkit_context*, int readonly,
                     const char* exportname, int) {
   try {
+    if (!g_unusable.empty()) {
+      nbdkit_error("snapshot: not serving: %s", g_unusable.c_str());
+      return nullptr;
+    }
     std::string name = exportname;
     if (name.empty()) name = g_config.DefaultExport();
     auto* h = new Handle{nullptr, readonly != 0};
@@ -332,8 +358,13 @@ int snapshot_block_size(nbdkit_next*, void* handle, uint32_t* minimum,
       chunk = 0;  // a hint only: fall back to the default
     }
   }
-  *minimum = 1;
-  *preferred = static_cast<uint32_t>(std::clamp<uint64_t>(chunk, 512, 32 << 20));
+  // Unaligned requests reach the plugin (snapshot reads of chunks without
+  // an exception, origin writes), so its minimum is ours; larger requests
+  // are split at its maximum.
+  *minimum = g_origin.block_min();
+  *preferred = static_cast<uint32_t>(std::clamp<uint64_t>(
+      std::max<uint64_t>(chunk, g_origin.block_preferred()), 512, 32 << 20));
+  *preferred = std::max(*preferred, *minimum);
   *maximum = 0xffffffff;
   return 0;
 }
@@ -410,6 +441,8 @@ int snapshot_extents(nbdkit_next*, void* handle, uint32_t count, uint64_t offset
     Handle& h = H(handle);
     // The origin export shows the merged view while a merge runs: chunks
     // still in the merging COW are data, whatever the origin says.
+    if (h.snap)  // as reads do
+      if (absl::Status st = g_engine->CheckUsable(*h.snap); !st.ok()) return st;
     std::shared_ptr<Snapshot> view = h.snap ? h.snap : g_engine->merging();
     if (!view) {
       g_engine->WaitOriginWrites(offset, count);

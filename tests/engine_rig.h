@@ -71,6 +71,7 @@ class CheckedOrigin final : public snap::OriginIo {
   uint64_t size() const override { return mem_.size(); }
   bool can_write() const override { return true; }
   bool can_zero() const override { return false; }
+  bool can_fast_zero() const override { return false; }
   bool can_trim() const override { return false; }
   bool can_fua() const override { return true; }
   bool can_flush() const override { return true; }
@@ -97,8 +98,8 @@ class CheckedOrigin final : public snap::OriginIo {
     return {durable_.begin() + static_cast<long>(offset),
             durable_.begin() + static_cast<long>(offset + n)};
   }
-  absl::Status Zero(uint64_t l, uint64_t o, bool t, bool f) override {
-    return mem_.Zero(l, o, t, f);
+  absl::Status Zero(uint64_t l, uint64_t o, bool t, bool f, bool fast) override {
+    return mem_.Zero(l, o, t, f, fast);
   }
   absl::Status Trim(uint64_t l, uint64_t o, bool f) override { return mem_.Trim(l, o, f); }
   absl::Status Flush() override {

@@ -19,6 +19,7 @@ class MemoryOrigin final : public snap::OriginIo {
   bool can_write() const override { return true; }
   // No zero: the engine writes zeros itself (its fallback path).
   bool can_zero() const override { return false; }
+  bool can_fast_zero() const override { return false; }
   bool can_trim() const override { return false; }
   bool can_fua() const override { return true; }
   bool can_flush() const override { return true; }
@@ -38,7 +39,7 @@ class MemoryOrigin final : public snap::OriginIo {
     std::memcpy(data_.data() + offset, buf.data(), buf.size());
     return absl::OkStatus();
   }
-  absl::Status Zero(uint64_t, uint64_t, bool, bool) override {
+  absl::Status Zero(uint64_t, uint64_t, bool, bool, bool) override {
     return absl::UnimplementedError("MemoryOrigin has no zero");
   }
   absl::Status Trim(uint64_t, uint64_t, bool) override {

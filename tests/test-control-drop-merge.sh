@@ -58,14 +58,16 @@ nbdcopy "nbd+unix:///d1?socket=$tmp/sock" d1.img
 # A connection to d1 opened before the drop.
 python3 - <<'PY' &
 import nbd, os, time
-h = nbd.NBD(); h.connect_uri("nbd+unix:///d1?socket=%s/sock" % os.environ["tmp"])
+h = nbd.NBD(); h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+h.connect_uri("nbd+unix:///d1?socket=%s/sock" % os.environ["tmp"])
 assert len(h.pread(4096, 0)) == 4096
 open("d1-open", "w").write("1")
 while not os.path.exists("d1-dropped"): time.sleep(0.05)
 res = []
 for what, op in (("read", lambda: h.pread(4096, 0)),
                  ("write", lambda: h.pwrite(b"x" * 4096, 0)),
-                 ("flush", lambda: h.flush())):
+                 ("flush", lambda: h.flush()),
+                 ("extents", lambda: h.block_status(4096, 0, lambda *a: 0))):
     try:
         op(); res.append("%s ok" % what)
     except nbd.Error as e:
@@ -83,6 +85,7 @@ cat d1-result
 grep -qx 'read EIO' d1-result
 grep -qx 'write EIO' d1-result
 grep -qx 'flush EIO' d1-result
+grep -qx 'extents EIO' d1-result
 [ "$(exports)" = "origin" ]
 ! ctl list | grep -q '^d1 '
 ! ctl status | grep -q '^d1:'
