@@ -53,6 +53,14 @@ absl::Status ValidateSnapshotName(std::string_view name) {
 absl::StatusOr<bool> FilterConfig::Set(std::string_view key,
                                        std::string_view value) {
   const std::string v(value);
+  // A key that takes one value, given twice with different values: the
+  // last would silently win.
+  if (key.starts_with("snapshot-") && key != "snapshot-merge") {
+    auto [it, fresh] = given.emplace(key, v);
+    if (!fresh && it->second != v)
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s is given twice (%s, then %s): give it once", key, it->second, v));
+  }
   if (key == "snapshot") {
     SnapshotSpec spec;
     // NAME=FILE when the part before '=' is a valid name; else all is FILE.
@@ -157,6 +165,11 @@ absl::Status FilterConfig::Finish() {
     return absl::InvalidArgumentError(absl::StrFormat(
         "snapshot-merge=%s: no such snapshot; give one of: %s", *merge,
         names.empty() ? "(none given)" : absl::StrJoin(names, ", ")));
+  if (merge && default_export && *default_export == *merge)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "snapshot-export=%s: that snapshot is merging (snapshot-merge=%s), "
+        "and a merging snapshot is not exported; use origin",
+        *default_export, *merge));
   if (merge && store_type == StoreType::kTransient)
     return absl::InvalidArgumentError(absl::StrFormat(
         "snapshot-merge=%s: a transient (N) store keeps nothing across "

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -25,6 +26,8 @@ struct FilterConfig {
   std::optional<std::string> merge;           // snapshot to merge
   bool merge_exit = false;
   std::string control_socket;
+  // The single-value keys given so far, with their values.
+  std::map<std::string, std::string, std::less<>> given;
 
   // Takes one key=value; false if the key is not ours.
   absl::StatusOr<bool> Set(std::string_view key, std::string_view value);

@@ -314,8 +314,13 @@ void* snapshot_open(nbdkit_next_open*, nbdkit_context*, int readonly,
       --h->snap->clients;
     }
     delete h;
-    nbdkit_error("snapshot: unknown export '%s': this server exports %s",
-                 name.c_str(), ExportNames().c_str());
+    if (*exportname == '\0')
+      nbdkit_error("snapshot: the default export is snapshot '%s', which was "
+                   "dropped or is merging: ask for one of %s",
+                   name.c_str(), ExportNames().c_str());
+    else
+      nbdkit_error("snapshot: unknown export '%s': this server exports %s",
+                   name.c_str(), ExportNames().c_str());
   } catch (...) {
     nbdkit_error("snapshot: out of memory");
   }

@@ -6,6 +6,8 @@
 #  - parameters: snapshot-chunk-size 3k (lvm2 lvcreate-usage: -c 3k),
 #    256 (not whole sectors), 2G (dmtest too_large_chunk_size_fails),
 #    snapshot-store=X, snapshot-export=nosuch, snapshot-cow-size=lots,
+#    snapshot-export of the snapshot being merged, a single-value key
+#    given twice with different values,
 #    one name twice, snapshot=origin=x.cow and a file named origin.cow
 #    (the name "origin" is the origin's export);
 #  - snapshot-cow-size under 3 chunks (lvm2 lvcreate-small-snap: 2 chunks
@@ -67,6 +69,13 @@ refused 'snapshot-chunk-size=256' snapshot=a.cow snapshot-chunk-size=256
 refused 'snapshot-chunk-size=2G' snapshot=a.cow snapshot-chunk-size=2G
 refused 'snapshot-store=X' snapshot=a.cow snapshot-store=X
 refused 'snapshot-export=nosuch' snapshot=a.cow snapshot-export=nosuch
+refused 'snapshot-export=a: that snapshot is merging' snapshot=a.cow \
+        snapshot-export=a snapshot-merge=a
+# A single-value key twice, with different values (the same twice is fine).
+refused 'snapshot-chunk-size is given twice \(64K, then 4k\)' snapshot=a.cow \
+        snapshot-chunk-size=64K snapshot-chunk-size=4k
+refused 'snapshot-store is given twice' snapshot=a.cow snapshot-store=P \
+        snapshot-store=PO
 refused 'snapshot-cow-size=lots' snapshot=a.cow snapshot-cow-size=lots
 refused "snapshot=a=b.cow.*'a'" snapshot=a=a.cow snapshot=a=b.cow
 refused "snapshot=y/a.cow.*'a'" snapshot=x/a.cow snapshot=y/a.cow
