@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The control socket and nbdsnap's live commands: a take during continuous
-# origin writes is one point in time; drop; merge --wait; hostile and
+# origin writes is one point in time; drop; merge --wait; snapshot names
+# that look like reply words (ERRATA, failed-upgrade); hostile and
 # concurrent clients; the socket's mode and path rules.
 source "$srcdir/functions.sh"
 set -e
@@ -117,6 +118,26 @@ grep -q 'merge complete' merge.out
 nbdcopy "$uri" merged.img
 cmp merged.img t1-final.img
 "$NBDSNAP" -c ctl status | grep -q 'merged t1'
+
+# Names that look like the protocol's words are still names: ERRATA
+# starts like an ERR reply, and failed-upgrade holds " failed", which
+# merge --wait took for a failed merge.
+"$NBDSNAP" -c ctl take ERRATA errata.cow
+"$NBDSNAP" -c ctl status > st.out
+cat st.out
+grep -Eqx 'ERRATA: [0-9]+/[0-9]+ [0-9]+' st.out
+"$NBDSNAP" -c ctl list > list2.out
+grep -q "^ERRATA $tmp/errata.cow P 4096 " list2.out
+"$NBDSNAP" -c ctl take failed-upgrade fu.cow
+nbdsh -u "nbd+unix:///failed-upgrade?socket=$tmp/sock" \
+  -c 'h.pwrite(b"upgrade" * 4096, 8192); h.flush()'
+nbdcopy "nbd+unix:///failed-upgrade?socket=$tmp/sock" fu-final.img
+"$NBDSNAP" -c ctl merge failed-upgrade --wait > merge2.out
+cat merge2.out
+[ "$(tail -n 1 merge2.out)" = "merge complete" ]
+nbdcopy "$uri" merged2.img
+cmp merged2.img fu-final.img
+"$NBDSNAP" -c ctl status | grep -Eqx 'origin: [0-9]+ bytes; merged failed-upgrade'
 
 # Hostile clients: garbage, NULs, a huge line, half-closed sockets, silent
 # clients, and 20 at once. The server keeps answering throughout.

@@ -32,6 +32,19 @@ if grep -q -- '--chunk-size' a.txt; then exit 1; fi  # dump's help
 "$NBDSNAP" create --help | grep -q -- '--force'
 "$NBDSNAP" info --help | grep -q -- '--json'
 "$NBDSNAP" -c sock take --help | grep -q '^  nbdsnap -c sock take .*NAME FILE$'
+# help COMMAND for the live commands too, and for help itself.
+for cmd in status list take drop merge; do
+    "$NBDSNAP" -c SOCKET $cmd --help > a.txt
+    "$NBDSNAP" help $cmd > b.txt 2> err
+    [ ! -s err ]
+    cmp a.txt b.txt
+    grep -q "^  nbdsnap -c SOCKET $cmd" b.txt
+done
+"$NBDSNAP" help take | grep -q -- '--chunk-size=SIZE'
+"$NBDSNAP" help merge | grep -q -- '--wait'
+"$NBDSNAP" help help > b.txt
+"$NBDSNAP" --help > a.txt
+cmp a.txt b.txt
 
 # Usage errors: exit 2, nothing on stdout, one line on stderr.
 usage_error () {
@@ -54,6 +67,9 @@ usage_error -c sock bogus
 usage_error -c sock take onlyname
 usage_error -c sock take n f --store N
 usage_error -c sock status extra
+usage_error status
+grep -q "'status' is a live command: nbdsnap -c SOCKET status" err
+usage_error help status extra
 usage_error -c sock status --wait
 usage_error -c sock take "a b" f.cow
 usage_error -c sock take a $'f\ndrop a'

@@ -46,6 +46,9 @@ int RunCommand(const std::string& cmd, int argc, char** argv) {
   if (cmd == "info") return snap::offline::Info(argc, argv);
   if (cmd == "check") return snap::offline::Check(argc, argv);
   if (cmd == "dump") return snap::offline::Dump(argc, argv);
+  if (snap::IsLiveCommand(cmd))
+    return UsageError(absl::StrFormat("'%s' is a live command: nbdsnap -c SOCKET %s",
+                                      cmd, cmd));
   return UsageError(absl::StrFormat("unknown command '%s'", cmd));
 }
 
@@ -61,10 +64,13 @@ int main(int argc, char** argv) {
   }
   if (cmd == "--help" || cmd == "-h" || cmd == "help") {
     if (cmd == "help" && argc == 3) {
-      // nbdsnap help COMMAND = nbdsnap COMMAND --help
+      // nbdsnap help COMMAND = nbdsnap COMMAND --help, or for a live
+      // command nbdsnap -c SOCKET COMMAND --help (as the man page shows it)
+      const std::string of = argv[2];
       char help_flag[] = "--help";
       char* sub[] = {argv[2], help_flag, nullptr};
-      return RunCommand(argv[2], 2, sub);
+      if (snap::IsLiveCommand(of)) return snap::RunOnline("SOCKET", 2, sub);
+      if (of != "help") return RunCommand(of, 2, sub);
     }
     if (argc > 2 && cmd != "help") return UsageError("--help takes no arguments");
     if (argc > 3) return UsageError("help takes at most one COMMAND");

@@ -86,7 +86,9 @@ class Connection {
         reply->ok = true;
         return true;
       }
-      if (l.rfind("ERR", 0) == 0) {
+      // The server's error line is "ERR " and why (control_commands.cc
+      // Err). Data lines start with a snapshot name, which may be ERRATA.
+      if (l == "ERR" || l.rfind("ERR ", 0) == 0) {
         reply->error = l.size() > 4 ? l.substr(4) : "error";
         return true;
       }
@@ -100,47 +102,62 @@ class Connection {
   std::string error_;
 };
 
-// "origin: ...; merging NAME, 42%" -> 42; -1 if no merge is running.
-int MergePercent(const Reply& r, bool* merged, bool* failed) {
+// The merge of NAME in status's "origin: SIZE bytes; STATE" line, where
+// STATE is the server's (merge_runner.cc Describe): "merging NAME, 42%"
+// -> 42, "merged NAME" -> *merged, "merge of NAME failed: WHY" ->
+// *failed. Only NAME's merge counts: a snapshot may be called
+// failed-upgrade. -1 if NAME is not merging.
+int MergePercent(const Reply& r, const std::string& name, bool* merged,
+                 bool* failed) {
   *merged = *failed = false;
   for (const std::string& l : r.lines) {
-    if (l.rfind("origin:", 0) != 0) continue;
-    if (l.find("; merged ") != std::string::npos) *merged = true;
-    if (l.find(" failed") != std::string::npos) *failed = true;
-    size_t m = l.find("; merging ");
-    if (m == std::string::npos) return -1;
-    size_t comma = l.find(", ", m);
-    if (comma == std::string::npos) return -1;
-    return std::atoi(l.c_str() + comma + 2);
+    if (l.rfind("origin: ", 0) != 0) continue;
+    size_t semi = l.find("; ");
+    if (semi == std::string::npos) return -1;
+    const std::string state = l.substr(semi + 2);
+    *merged = state == "merged " + name;
+    *failed = state.rfind("merge of " + name + " failed:", 0) == 0;
+    const std::string running = "merging " + name + ", ";
+    if (state.rfind(running, 0) != 0) return -1;
+    return std::atoi(state.c_str() + running.size());
   }
   return -1;
 }
 
+struct LiveCommand {
+  const char* name;
+  const char* params;
+  const char* summary;
+};
+
+constexpr LiveCommand kLiveCommands[] = {
+    {"status", "", "The origin (with a merge's progress) and each snapshot's dm status."},
+    {"list", "", "One line per snapshot: name, file, store type, chunk size, status."},
+    {"take", "NAME FILE", "A new snapshot NAME of the running origin, in FILE (new or empty)."},
+    {"drop", "NAME", "Remove snapshot NAME; its file is kept."},
+    {"merge", "NAME", "Start merging snapshot NAME into the origin."},
+};
+
+const LiveCommand* FindLiveCommand(const std::string& name) {
+  for (const LiveCommand& c : kLiveCommands)
+    if (name == c.name) return &c;
+  return nullptr;
+}
+
 }  // namespace
+
+bool IsLiveCommand(const std::string& command) {
+  return FindLiveCommand(command) != nullptr;
+}
 
 int RunOnline(const char* socket_path, int argc, char** argv) {
   if (argc < 1) return cli::UsageError("-c SOCKET needs a live command");
   const std::string cmd = argv[0];
-  struct Spec {
-    const char* params;
-    const char* summary;
-  };
-  Spec spec;
-  if (cmd == "status") {
-    spec = {"", "The origin (with a merge's progress) and each snapshot's dm status."};
-  } else if (cmd == "list") {
-    spec = {"", "One line per snapshot: name, file, store type, chunk size, status."};
-  } else if (cmd == "take") {
-    spec = {"NAME FILE", "A new snapshot NAME of the running origin, in FILE (new or empty)."};
-  } else if (cmd == "drop") {
-    spec = {"NAME", "Remove snapshot NAME; its file is kept."};
-  } else if (cmd == "merge") {
-    spec = {"NAME", "Start merging snapshot NAME into the origin."};
-  } else {
+  const LiveCommand* spec = FindLiveCommand(cmd);
+  if (spec == nullptr)
     return cli::UsageError(absl::StrFormat("unknown live command '%s'", cmd));
-  }
-  cli::CommandLine cl(absl::StrFormat("-c %s %s", socket_path, cmd), spec.params,
-                      spec.summary);
+  cli::CommandLine cl(absl::StrFormat("-c %s %s", socket_path, cmd), spec->params,
+                      spec->summary);
   if (cmd == "status") cl.AddFlag("json", "Print one JSON object");
   if (cmd == "take") {
     cl.AddString("chunk-size", "SIZE", "Chunk size (default: nbdkit's snapshot-chunk-size)");
@@ -237,7 +254,7 @@ int RunOnline(const char* socket_path, int argc, char** argv) {
       return kUnreachable;
     }
     bool merged, failed;
-    int pct = MergePercent(st, &merged, &failed);
+    int pct = MergePercent(st, args[0], &merged, &failed);
     if (failed) {
       if (tty) std::printf("\n");
       for (const std::string& l : st.lines)
