@@ -50,6 +50,27 @@ absl::Status ValidateSnapshotName(std::string_view name) {
   return absl::OkStatus();
 }
 
+absl::Status CheckCowSizeChunks(uint64_t cap, uint64_t chunk_bytes) {
+  if (cap != 0 && cap < 3 * chunk_bytes)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "snapshot-cow-size=%d is under 3 chunks of %d bytes (header, area, "
+        "data): make it larger",
+        cap, chunk_bytes));
+  return absl::OkStatus();
+}
+
+absl::Status CheckCowSize(uint64_t cap, const ExceptionStore& store) {
+  if (absl::Status st = CheckCowSizeChunks(cap, store.chunk_bytes()); !st.ok())
+    return st;
+  const uint64_t used = store.Usage().used_sectors * kSectorBytes;
+  if (cap != 0 && used > cap)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "the COW file already uses %d bytes, more than snapshot-cow-size=%d: "
+        "raise the cap",
+        used, cap));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<bool> FilterConfig::Set(std::string_view key,
                                        std::string_view value) {
   const std::string v(value);
@@ -143,6 +164,9 @@ absl::StatusOr<bool> FilterConfig::Set(std::string_view key,
     return true;
   }
   if (key == "snapshot-control") {
+    // Empty would quietly mean no socket: a typo the user should hear of.
+    if (v.empty())
+      return absl::InvalidArgumentError("snapshot-control= needs a socket path");
     control_socket = v;
     return true;
   }
@@ -178,12 +202,9 @@ absl::Status FilterConfig::Finish() {
   if (merge_exit && !merge)
     return absl::InvalidArgumentError(
         "snapshot-merge-exit=true needs snapshot-merge=NAME");
-  if (cow_size != 0 && chunk_sectors != 0 &&
-      cow_size < 3 * uint64_t{chunk_sectors} * kSectorBytes)
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "snapshot-cow-size=%d is under 3 chunks (header, area, data): make it "
-        "larger",
-        cow_size));
+  // Before any store is made; each store is checked again once open.
+  if (chunk_sectors != 0)
+    return CheckCowSizeChunks(cow_size, uint64_t{chunk_sectors} * kSectorBytes);
   return absl::OkStatus();
 }
 

@@ -45,4 +45,11 @@ absl::Status ValidateSnapshotName(std::string_view name);
 // current directory cannot be had.
 std::string AbsolutePath(const std::string& path);
 
+// snapshot-cow-size=CAP must leave room for 3 chunks (header, metadata
+// area, one data chunk), as lvm2 demands. OK when CAP is 0 (no cap).
+absl::Status CheckCowSizeChunks(uint64_t cap, uint64_t chunk_bytes);
+// The same for an opened store (its header's chunk size counts), and CAP
+// must hold what the store already uses. Startup and `take` both ask.
+absl::Status CheckCowSize(uint64_t cap, const ExceptionStore& store);
+
 }  // namespace snap

@@ -1,5 +1,7 @@
 #include "filter/control_commands.h"
 
+#include <sys/stat.h>
+
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -19,7 +21,9 @@ std::string Err(absl::string_view why) {
   return absl::StrCat("ERR ", line, "\n");
 }
 
-std::string Status(ControlContext& ctx) {
+using Words = std::vector<std::string>;
+
+std::string Status(ControlContext& ctx, const Words&) {
   std::string out;
   std::string merge = ctx.merge->Describe();
   absl::StrAppend(&out, "origin: ", ctx.engine->size(), " bytes",
@@ -32,7 +36,7 @@ std::string Status(ControlContext& ctx) {
   return out + "OK\n";
 }
 
-std::string List(ControlContext& ctx) {
+std::string List(ControlContext& ctx, const Words&) {
   std::string out;
   for (const auto& s : ctx.engine->List())
     absl::StrAppend(&out,
@@ -43,9 +47,7 @@ std::string List(ControlContext& ctx) {
   return out + "OK\n";
 }
 
-std::string Take(ControlContext& ctx, const std::vector<std::string>& w) {
-  if (w.size() < 3 || w.size() > 5)
-    return Err("usage: take NAME FILE [CHUNK-SIZE] [P|PO|N]");
+std::string Take(ControlContext& ctx, const Words& w) {
   const std::string& name = w[1];
   if (absl::Status st = ValidateSnapshotName(name); !st.ok()) return Err(st.message());
   if (absl::Status st = ctx.engine->CanTake(); !st.ok()) return Err(st.message());
@@ -74,8 +76,23 @@ std::string Take(ControlContext& ctx, const std::vector<std::string>& w) {
   }
   if (opts.type == StoreType::kTransient && opts.chunk_sectors == 0)
     opts.chunk_sectors = kDefaultChunkSectors;
-  absl::StatusOr<std::unique_ptr<ExceptionStore>> store = OpenStoreFile(w[2], opts);
+  // snapshot-cow-size binds take as it binds startup. A missing or empty
+  // file gets the chunk size asked for: check before making it.
+  auto refuse_cap = [&](const absl::Status& st) {
+    return Err(absl::StrCat(file, ": ", st.message()));
+  };
+  struct stat sb;
+  if (::stat(file.c_str(), &sb) != 0 || sb.st_size == 0) {
+    const uint32_t cs = opts.chunk_sectors != 0 ? opts.chunk_sectors : kDefaultChunkSectors;
+    if (absl::Status st = CheckCowSizeChunks(opts.size_cap, uint64_t{cs} * kSectorBytes);
+        !st.ok())
+      return refuse_cap(st);
+  }
+  absl::StatusOr<std::unique_ptr<ExceptionStore>> store = OpenStoreFile(file, opts);
   if (!store.ok()) return Err(store.status().message());
+  // An existing store's header may hold another chunk size.
+  if (absl::Status st = CheckCowSize(opts.size_cap, **store); !st.ok())
+    return refuse_cap(st);
   // A snapshot of the origin now must start empty: old exceptions would
   // describe another moment.
   if ((*store)->exception_count() != 0 || !(*store)->valid())
@@ -91,8 +108,7 @@ std::string Take(ControlContext& ctx, const std::vector<std::string>& w) {
   return absl::StrFormat("%s: %s\nOK\n", name, snap->store->StatusLine());
 }
 
-std::string Drop(ControlContext& ctx, const std::vector<std::string>& w) {
-  if (w.size() != 2) return Err("usage: drop NAME");
+std::string Drop(ControlContext& ctx, const Words& w) {
   std::shared_ptr<Snapshot> s = ctx.engine->Find(w[1]);
   if (absl::Status st = ctx.engine->Remove(w[1]); !st.ok()) return Err(st.message());
   if (s) (void)s->store->Flush();
@@ -101,8 +117,7 @@ std::string Drop(ControlContext& ctx, const std::vector<std::string>& w) {
   return "OK\n";
 }
 
-std::string Merge(ControlContext& ctx, const std::vector<std::string>& w) {
-  if (w.size() != 2) return Err("usage: merge NAME");
+std::string Merge(ControlContext& ctx, const Words& w) {
   std::shared_ptr<Snapshot> s = ctx.engine->Find(w[1]);
   if (!s) return Err(absl::StrFormat("no snapshot named %s", w[1]));
   if (ctx.merge->running() || ctx.engine->merging())
@@ -126,6 +141,22 @@ std::string Merge(ControlContext& ctx, const std::vector<std::string>& w) {
   return absl::StrFormat("%s\nOK\n", ctx.merge->Describe());
 }
 
+struct Command {
+  const char* name;
+  const char* params;           // for the usage line
+  size_t min_args, max_args;    // words after the name
+  std::string (*run)(ControlContext&, const Words&);
+};
+
+constexpr Command kCommands[] = {
+    {"status", "", 0, 0, Status},
+    {"list", "", 0, 0, List},
+    {"take", " NAME FILE [CHUNK-SIZE] [P|PO|N]", 2, 4, Take},
+    {"drop", " NAME", 1, 1, Drop},
+    {"merge", " NAME", 1, 1, Merge},
+};
+constexpr char kCommandNames[] = "use status, list, take, drop or merge";
+
 }  // namespace
 
 std::string RunControlCommand(ControlContext& ctx, std::string_view line) {
@@ -133,21 +164,21 @@ std::string RunControlCommand(ControlContext& ctx, std::string_view line) {
   std::vector<std::string> w =
       absl::StrSplit(absl::string_view(line.data(), line.size()), ' ',
                      absl::SkipWhitespace());
-  if (w.empty()) return Err("empty command: use status, list, take, drop or merge");
-  try {
-    if (w[0] == "status" && w.size() == 1) return Status(ctx);
-    if (w[0] == "list" && w.size() == 1) return List(ctx);
-    if (w[0] == "take") return Take(ctx, w);
-    if (w[0] == "drop") return Drop(ctx, w);
-    if (w[0] == "merge") return Merge(ctx, w);
-  } catch (const std::exception& e) {
-    return Err(absl::StrCat("internal error: ", e.what()));
+  if (w.empty()) return Err(absl::StrCat("empty command: ", kCommandNames));
+  for (const Command& c : kCommands) {
+    if (w[0] != c.name) continue;
+    if (w.size() - 1 < c.min_args || w.size() - 1 > c.max_args)
+      return Err(absl::StrCat("usage: ", c.name, c.params));
+    try {
+      return c.run(ctx, w);
+    } catch (const std::exception& e) {
+      return Err(absl::StrCat("internal error: ", e.what()));
+    }
   }
   std::string shown = w[0].substr(0, 40);
   for (char& c : shown)
     if (!std::isprint(static_cast<unsigned char>(c))) c = '?';
-  return Err(absl::StrFormat(
-      "unknown command '%s': use status, list, take, drop or merge", shown));
+  return Err(absl::StrFormat("unknown command '%s': %s", shown, kCommandNames));
 }
 
 }  // namespace snap

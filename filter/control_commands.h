@@ -6,6 +6,8 @@
 //   take NAME FILE [CHUNK-SIZE] [STORE]   new snapshot of the running origin
 //   drop NAME                             remove a snapshot (not merging)
 //   merge NAME                            start merging NAME into the origin
+//
+// A command with the wrong number of words gets "ERR usage: " and its usage.
 #pragma once
 
 #include <functional>

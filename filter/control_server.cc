@@ -17,8 +17,16 @@
 namespace snap {
 namespace {
 
+// ErrnoToStatus appends the OS's words for err itself.
 absl::Status SysError(int err, const std::string& what) {
-  return absl::ErrnoToStatus(err, absl::StrFormat("%s: %s", what, strerror(err)));
+  return absl::ErrnoToStatus(err, what);
+}
+
+void DestroySource(GSource*& source) {
+  if (source == nullptr) return;
+  g_source_destroy(source);
+  g_source_unref(source);
+  source = nullptr;
 }
 
 }  // namespace
@@ -47,7 +55,9 @@ absl::Status ControlServer::Bind(const std::string& path) {
           "snapshot-control=%s is in use by a running server", path));
     ::unlink(path.c_str());  // a stale socket from an earlier run
   }
-  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  // Non-blocking: a client that leaves between poll and accept must not
+  // block the server's thread.
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) return SysError(errno, "snapshot-control: socket");
   // 0600 from the start: no window where others could connect.
   mode_t old = ::umask(0177);
@@ -76,10 +86,7 @@ void ControlServer::Start(ControlContext ctx) {
   started_ = true;
   context_ = g_main_context_new();
   loop_ = g_main_loop_new(context_, FALSE);
-  listen_source_ = g_unix_fd_source_new(listen_fd_, G_IO_IN);
-  g_source_set_callback(listen_source_, G_SOURCE_FUNC(OnAccept),
-                        this, nullptr);
-  g_source_attach(listen_source_, context_);
+  ResumeAccept();
   thread_ = std::thread([this] {
     g_main_context_push_thread_default(context_);
     g_main_loop_run(loop_);
@@ -94,11 +101,7 @@ void ControlServer::Stop() {
     thread_.join();
   }
   while (!clients_.empty()) Drop(clients_.begin()->first);
-  if (listen_source_ != nullptr) {
-    g_source_destroy(listen_source_);
-    g_source_unref(listen_source_);
-    listen_source_ = nullptr;
-  }
+  PauseAccept();
   if (loop_ != nullptr) g_main_loop_unref(loop_);
   if (context_ != nullptr) g_main_context_unref(context_);
   loop_ = nullptr;
@@ -116,24 +119,74 @@ void ControlServer::RemoveSocketFile() {
   if (started_ && listen_fd_ >= 0) ::unlink(path_.c_str());
 }
 
+void ControlServer::PauseAccept() {
+  DestroySource(listen_source_);
+  DestroySource(retry_source_);
+}
+
+void ControlServer::ResumeAccept() {
+  DestroySource(retry_source_);
+  if (listen_source_ != nullptr || clients_.size() >= kMaxControlClients) return;
+  listen_source_ = g_unix_fd_source_new(listen_fd_, G_IO_IN);
+  g_source_set_callback(listen_source_, G_SOURCE_FUNC(OnAccept), this, nullptr);
+  g_source_attach(listen_source_, context_);
+}
+
+gboolean ControlServer::OnAcceptRetry(gpointer data) {
+  static_cast<ControlServer*>(data)->ResumeAccept();
+  return G_SOURCE_REMOVE;
+}
+
 gboolean ControlServer::OnAccept(gint fd, GIOCondition, gpointer data) {
   auto* self = static_cast<ControlServer*>(data);
   int c = ::accept4(fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-  if (c < 0) return G_SOURCE_CONTINUE;
-  auto client = std::make_unique<Client>();
-  client->fd = c;
-  self->Watch(*client);
-  self->clients_[c] = std::move(client);
-  return G_SOURCE_CONTINUE;
+  int err = errno;
+  if (c >= 0) {
+    try {
+      auto client = std::make_unique<Client>();
+      client->fd = c;
+      Client& added = *client;
+      self->clients_.emplace(c, std::move(client));
+      self->Watch(added);
+    } catch (...) {  // out of memory: as if accept had failed
+      ::close(c);
+      c = -1;
+      err = ENOMEM;
+    }
+  }
+  if (c >= 0) {
+    self->accept_failing_ = false;
+    if (self->clients_.size() < kMaxControlClients) return G_SOURCE_CONTINUE;
+    // At the cap: the next client waits in the backlog until one leaves.
+    self->PauseAccept();
+    return G_SOURCE_REMOVE;
+  }
+  if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR || err == ECONNABORTED)
+    return G_SOURCE_CONTINUE;  // nothing to accept after all
+  // Out of file descriptors or memory: the connection stays pending and
+  // the socket readable, so watching it would spin. Wait for a client to
+  // leave, or a moment.
+  if (!self->accept_failing_) {
+    self->accept_failing_ = true;
+    try {
+      LogMessage(absl::StrFormat(
+          "control: cannot accept a client: %s; trying again when one "
+          "leaves or in %d ms",
+          strerror(err), kAcceptRetryMs));
+    } catch (...) {
+    }
+  }
+  self->PauseAccept();
+  self->retry_source_ = g_timeout_source_new(kAcceptRetryMs);
+  g_source_set_callback(self->retry_source_, OnAcceptRetry, self, nullptr);
+  g_source_attach(self->retry_source_, self->context_);
+  return G_SOURCE_REMOVE;
 }
 
 void ControlServer::Watch(Client& c) {
   int want = (c.eof ? 0 : G_IO_IN) | (c.out.empty() ? 0 : G_IO_OUT);
   if (c.source != nullptr && want == c.watching) return;
-  if (c.source != nullptr) {
-    g_source_destroy(c.source);
-    g_source_unref(c.source);
-  }
+  DestroySource(c.source);
   c.watching = static_cast<GIOCondition>(want);
   // HUP and ERR are always reported, so a vanished client is noticed even
   // while only output is watched.
@@ -201,12 +254,18 @@ gboolean ControlServer::OnClient(gint fd, GIOCondition cond, gpointer data) {
   if (it == self->clients_.end()) return G_SOURCE_REMOVE;
   Client& c = *it->second;
   bool keep = true;
-  if (!c.eof && (cond & (G_IO_IN | G_IO_HUP | G_IO_ERR)) != 0) keep = self->ReadCommands(c);
-  if (keep) keep = self->SendReplies(c);
+  try {
+    if (!c.eof && (cond & (G_IO_IN | G_IO_HUP | G_IO_ERR)) != 0) keep = self->ReadCommands(c);
+    if (keep) keep = self->SendReplies(c);
+  } catch (...) {
+    keep = false;  // out of memory: this client goes, the server stays
+  }
   // A hang-up with nothing left to read: the client is gone.
   if (keep && c.eof && (c.out.empty() || (cond & (G_IO_HUP | G_IO_ERR)) != 0)) keep = false;
   if (!keep) {
     self->Drop(fd);
+    // A place is free: accept again if the cap or an error stopped it.
+    self->ResumeAccept();
     return G_SOURCE_REMOVE;
   }
   GSource* before = c.source;
@@ -217,10 +276,7 @@ gboolean ControlServer::OnClient(gint fd, GIOCondition cond, gpointer data) {
 void ControlServer::Drop(int fd) {
   auto it = clients_.find(fd);
   if (it == clients_.end()) return;
-  if (it->second->source != nullptr) {
-    g_source_destroy(it->second->source);
-    g_source_unref(it->second->source);
-  }
+  DestroySource(it->second->source);
   ::close(fd);
   clients_.erase(it);
 }

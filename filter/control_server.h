@@ -17,6 +17,12 @@ namespace snap {
 // Replies a client may leave unread before it is dropped: the server never
 // blocks on a client, and one that never reads cannot make it hold more.
 inline constexpr size_t kMaxControlBacklog = 1 << 20;
+// Clients served at once: each holds a file descriptor that nbdkit also
+// needs for NBD connections. More wait in the listen backlog.
+inline constexpr size_t kMaxControlClients = 32;
+// After accept fails (out of file descriptors, say), when to try again if
+// no client leaves first.
+inline constexpr guint kAcceptRetryMs = 100;
 
 class ControlServer {
  public:
@@ -43,6 +49,12 @@ class ControlServer {
     GIOCondition watching = static_cast<GIOCondition>(0);
   };
   static gboolean OnAccept(gint fd, GIOCondition cond, gpointer self);
+  static gboolean OnAcceptRetry(gpointer self);
+  // A pending connection keeps the listen socket readable, so it is only
+  // watched while a client can be accepted: not at the cap, and not
+  // while accept fails.
+  void PauseAccept();
+  void ResumeAccept();
   static gboolean OnClient(gint fd, GIOCondition cond, gpointer self);
   // Reads what the client sent and runs each complete line (and, at end
   // of file, an unterminated last one). False: drop the client.
@@ -60,7 +72,9 @@ class ControlServer {
   ControlContext ctx_;
   GMainContext* context_ = nullptr;
   GMainLoop* loop_ = nullptr;
-  GSource* listen_source_ = nullptr;
+  GSource* listen_source_ = nullptr;  // null: not accepting for now
+  GSource* retry_source_ = nullptr;   // the timer after an accept error
+  bool accept_failing_ = false;       // logged once per spell of errors
   std::thread thread_;
   std::map<int, std::unique_ptr<Client>> clients_;
 };

@@ -14,7 +14,7 @@ constexpr char kErrnoUrl[] = "snapshot/errno";
 }
 
 absl::Status ErrnoError(int err, absl::string_view message) {
-  absl::Status st = absl::ErrnoToStatus(err, message);
+  absl::Status st(absl::ErrnoToStatusCode(err), message);
   st.SetPayload(kErrnoUrl, absl::Cord(std::to_string(err)));
   return st;
 }

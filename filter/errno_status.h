@@ -7,7 +7,9 @@
 
 namespace snap {
 
-// A status whose errno survives the trip through the engine.
+// A status whose errno survives the trip through the engine. Unlike
+// absl::ErrnoToStatus it keeps MESSAGE as given: callers rewrap messages
+// that already name the OS error, which would then name it twice.
 absl::Status ErrnoError(int err, absl::string_view message);
 // The errno for nbdkit: the one attached, else one that fits the code.
 int StatusToErrno(const absl::Status& status);

@@ -3,6 +3,7 @@
 #include <errno.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "absl/strings/str_format.h"
 #include "filter/errno_status.h"
@@ -14,13 +15,14 @@ namespace {
 // size, when smaller).
 constexpr uint64_t kMaxRequest = 64 << 20;
 
-absl::Status OriginError(const char* what, uint64_t offset, int err) {
-  return ErrnoError(err != 0 ? err : EIO,
-                    absl::StrFormat("origin %s at offset %d failed: %s", what,
-                                    offset, strerror(err != 0 ? err : EIO)));
-}
-
 }  // namespace
+
+// Where the plugin's errno is put into words (ErrnoError does not).
+absl::Status OriginError(const char* what, uint64_t offset, int err) {
+  if (err == 0) err = EIO;
+  return ErrnoError(err, absl::StrFormat("origin %s at offset %d failed: %s",
+                                         what, offset, strerror(err)));
+}
 
 bool NbdkitOrigin::Open(nbdkit_backend* backend, bool serialize) {
   serialize_ = serialize;

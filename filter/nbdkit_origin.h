@@ -13,6 +13,10 @@
 
 namespace snap {
 
+// "origin WHAT at offset OFFSET failed: <the OS's words for err>", with
+// err (EIO when 0) attached for nbdkit.
+absl::Status OriginError(const char* what, uint64_t offset, int err);
+
 class NbdkitOrigin final : public OriginIo {
  public:
   // Opens, prepares and probes the context. Errors go to nbdkit_error.

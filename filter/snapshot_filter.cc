@@ -153,24 +153,11 @@ int snapshot_config_complete(nbdkit_next_config_complete* next,
                      std::string(store.status().message()).c_str());
         return -1;
       }
-      if (g_config.cow_size != 0) {
-        // Checked per store: the chunk size may come from its header.
-        const uint64_t cb = (*store)->chunk_bytes();
-        const uint64_t used = (*store)->Usage().used_sectors * 512;
-        if (g_config.cow_size < 3 * cb) {
-          nbdkit_error("snapshot=%s: snapshot-cow-size=%" PRIu64 " is under 3 "
-                       "chunks of %" PRIu64 " bytes (header, area, data): make "
-                       "it larger",
-                       spec.path.c_str(), g_config.cow_size, cb);
-          return -1;
-        }
-        if (used > g_config.cow_size) {
-          nbdkit_error("snapshot=%s: the COW file already uses %" PRIu64
-                       " bytes, more than snapshot-cow-size=%" PRIu64
-                       ": raise the cap",
-                       spec.path.c_str(), used, g_config.cow_size);
-          return -1;
-        }
+      // Checked per store: the chunk size may come from its header.
+      if (absl::Status st = CheckCowSize(g_config.cow_size, **store); !st.ok()) {
+        nbdkit_error("snapshot=%s: %s", spec.path.c_str(),
+                     std::string(st.message()).c_str());
+        return -1;
       }
       for (const std::string& note : (*store)->notes())
         nbdkit_debug("snapshot: %s", note.c_str());
@@ -186,7 +173,7 @@ int snapshot_config_complete(nbdkit_next_config_complete* next,
       }
       g_opened.push_back(std::move(snap));
     }
-    if (!g_config.control_socket.empty())
+    if (!g_config.control_socket.empty())  // empty: none given
       if (absl::Status st = g_control.Bind(g_config.control_socket); !st.ok()) {
         nbdkit_error("snapshot: %s", std::string(st.message()).c_str());
         return -1;
@@ -452,7 +439,7 @@ int snapshot_extents(nbdkit_next*, void* handle, uint32_t count, uint64_t offset
     if (!view) {
       g_engine->WaitOriginWrites(offset, count);
       if (g_origin.Extents(count, offset, flags, extents, err) == -1)
-        return ErrnoError(*err ? *err : EIO, "origin extents failed");
+        return OriginError("extents", offset, *err);
       return absl::OkStatus();
     }
     absl::Status st;
@@ -472,7 +459,7 @@ int snapshot_extents(nbdkit_next*, void* handle, uint32_t count, uint64_t offset
       }
       int e = 0;
       if (g_origin.Extents(static_cast<uint32_t>(len), off, 0, tmp, &e) == -1) {
-        st = ErrnoError(e ? e : EIO, "origin extents failed");
+        st = OriginError("extents", off, e);
       } else {
         uint64_t covered = off;
         for (size_t i = 0; i < nbdkit_extents_count(tmp) && covered < off + len; ++i) {

@@ -3,7 +3,8 @@
 # point in time (the snapshot equals the origin after exactly the first k
 # acknowledged writes, for one k); the export appears at once; later origin
 # writes copy out; refusals; chunk size and store arguments; the taken COW
-# persists across a restart. Uses only the control socket (no nbdsnap).
+# persists across a restart; snapshot-cow-size checked as at startup.
+# Uses only the control socket (no nbdsnap).
 source "$srcdir/functions.sh"
 set -e
 set -x
@@ -197,3 +198,36 @@ cmp origin.img origin-r.img
 ctl take t6 "$tmp/t6.cow"
 nbdcopy "nbd+unix:///t6?socket=$tmp/sock" t6.img
 cmp origin.img t6.img
+
+# snapshot-cow-size binds take as it binds startup: a cap under 3 chunks
+# is refused with the startup message, whether the chunk size comes from
+# take (no file is made) or from an existing store's header (the file is
+# left as it was). Before, such a take was accepted and its first write
+# failed.
+kill_nbdkit "$(cat pid)"
+rm -f pid sock
+nbdkit -U - --filter="$FILTER" file origin.img snapshot=h=$tmp/h1m.cow \
+  snapshot-chunk-size=1M --run true
+sha=$(sha256sum < h1m.cow)
+start_nbdkit -P pid -U sock --filter="$FILTER" file origin.img \
+  snapshot-cow-size=1M snapshot-control="$tmp/ctl"
+msg="snapshot-cow-size=1048576 is under 3 chunks of 1048576 bytes (header, area, data): make it larger"
+rc=0; out=$(ctl take big "$tmp/big.cow" 1M) || rc=$?
+[ $rc -eq 1 ]
+[ "$out" = "ERR $tmp/big.cow: $msg" ]
+[ ! -e big.cow ]
+rc=0; out=$(ctl take h "$tmp/h1m.cow") || rc=$?
+[ $rc -eq 1 ]
+[ "$out" = "ERR $tmp/h1m.cow: $msg" ]
+[ "$(sha256sum < h1m.cow)" = "$sha" ]
+[ "$(ctl list)" = OK ]
+# The same cap at startup, same words.
+rc=0
+nbdkit -U - --filter="$FILTER" file origin.img snapshot=h=$tmp/h1m.cow \
+  snapshot-cow-size=1M --run true 2> err || rc=$?
+cat err
+[ $rc -ne 0 ]
+grep -q "snapshot=$tmp/h1m.cow: $msg" err
+# Chunks small enough: taken, and writes work.
+ctl take fits "$tmp/fits.cow" 256k
+nbdsh -u "nbd+unix:///fits?socket=$tmp/sock" -c 'h.pwrite(b"f" * 4096, 0); h.flush()'

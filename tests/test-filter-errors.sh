@@ -9,7 +9,9 @@
 #    snapshot-export of the snapshot being merged, a single-value key
 #    given twice with different values,
 #    one name twice, snapshot=origin=x.cow and a file named origin.cow
-#    (the name "origin" is the origin's export);
+#    (the name "origin" is the origin's export), an empty
+#    snapshot-control=, and one in a missing directory (the OS error
+#    named once);
 #  - snapshot-cow-size under 3 chunks (lvm2 lvcreate-small-snap: 2 chunks
 #    is refused), also when the chunk size is the default or the existing
 #    header's; and under what the COW file already holds (lvm2: shrinking a
@@ -83,6 +85,11 @@ refused 'snapshot=origin=x.cow' snapshot=origin=x.cow
 refused 'snapshot=origin.cow.*origin' snapshot=origin.cow
 refused 'snapshot-cow-size' snapshot=a.cow snapshot-chunk-size=4k \
         snapshot-cow-size=8k
+refused 'snapshot-control= needs a socket path' snapshot-control=
+# An OS error is named once.
+refused 'snapshot-control=/nonexistent/dir/ctl: bind: No such file or directory$' \
+        snapshot-control=/nonexistent/dir/ctl
+[ "$(grep -c 'No such file or directory' err.log)" -eq 1 ]
 # Nothing above may have made a COW file.
 test ! -e a.cow -a ! -e b.cow -a ! -e x.cow -a ! -e origin.cow
 

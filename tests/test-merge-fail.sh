@@ -4,6 +4,8 @@
 #  A. Failing from the first step:
 #     * with snapshot-merge-exit=true nbdkit exits 1 by itself, saying why,
 #       and removes its control socket;
+#     * started by nbdsnap -c merge --wait, which exits 1 and prints the
+#       origin's status line (the OS error named once);
 #       nothing is lost: served without the merge, m's and s's views are
 #       unchanged, nbdsnap check passes;
 #     * without it, nbdkit stays up: the origin's description (nbdinfo
@@ -174,6 +176,22 @@ grep -q 'error: snapshot: merge of m failed: .*restart' a1.log ||
 grep -q 'error: .*merge failed' a1.log || fail "A1: no error message about the failed merge"
 cmp origin.img origin-before.img || fail "A1: the origin file changed"
 views_intact m-view.img A1
+
+# A1b: a merge started with nbdsnap -c merge --wait: exit 1, and the
+# origin's status line on stderr, naming the OS error once.
+if [ -x "$NBDSNAP" ]; then
+    rm -f "$sock"
+    start_nbdkit -P pid -U "$sock" --filter="$FILTER" --filter=error \
+        file origin.img snapshot=m=m.cow snapshot=s=s.cow \
+        snapshot-control="$tmp/a1b.ctl" "${errargs[@]}"
+    rc=0
+    timeout 60 "$NBDSNAP" -c a1b.ctl merge m --wait > a1b.out 2> a1b.err || rc=$?
+    cat a1b.out a1b.err
+    [ $rc -eq 1 ] || fail "A1b: merge --wait of a failing merge exited $rc, not 1"
+    grep -Eqx 'nbdsnap: origin: [0-9]+ bytes; merge of m failed: origin write at offset [0-9]+ failed: Input/output error' a1b.err ||
+        fail "A1b: stderr is not the failed merge's status line"
+    kill_nbdkit "$(cat pid)"
+fi
 
 # A2: without exit: stays up, says so, serves the merged view.  (A1's
 # _exit left its socket behind.)
