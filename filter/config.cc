@@ -47,6 +47,12 @@ absl::Status ValidateSnapshotName(std::string_view name) {
   if (name == kOriginExport)
     return absl::InvalidArgumentError(
         "'origin' is the origin's export: choose another snapshot name");
+  // The control socket's replies end with a line OK or ERR ...: a snapshot
+  // so named would start a list line that reads as one.
+  if (name == "OK" || name == "ERR")
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "'%s' ends the control socket's replies: choose another snapshot name",
+        std::string(name)));
   return absl::OkStatus();
 }
 
@@ -86,10 +92,13 @@ absl::StatusOr<bool> FilterConfig::Set(std::string_view key,
     SnapshotSpec spec;
     // NAME=FILE when the part before '=' is a valid name; else all is FILE.
     size_t eq = v.find('=');
-    if (eq != std::string::npos && v.substr(0, eq) == kOriginExport)
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "snapshot=%s: 'origin' is the origin's export: choose another "
-          "snapshot name", v));
+    if (eq != std::string::npos) {
+      // Reserved names are refused, not taken as part of a file name.
+      const std::string prefix = v.substr(0, eq);
+      if (prefix == kOriginExport || prefix == "OK" || prefix == "ERR")
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "snapshot=%s: %s", v, ValidateSnapshotName(prefix).message()));
+    }
     if (eq != std::string::npos && ValidateSnapshotName(v.substr(0, eq)).ok()) {
       spec.name = v.substr(0, eq);
       spec.path = v.substr(eq + 1);

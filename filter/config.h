@@ -39,7 +39,8 @@ struct FilterConfig {
 
 inline constexpr char kOriginExport[] = "origin";
 
-// Names: letters, digits, '-', '_', '.', at most 64 bytes, not "origin".
+// Names: letters, digits, '-', '_', '.', at most 64 bytes, not "origin",
+// "OK" or "ERR".
 absl::Status ValidateSnapshotName(std::string_view name);
 // PATH against the current directory, normalized; PATH itself when the
 // current directory cannot be had.

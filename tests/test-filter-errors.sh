@@ -82,6 +82,7 @@ refused 'snapshot-cow-size=lots' snapshot=a.cow snapshot-cow-size=lots
 refused "snapshot=a=b.cow.*'a'" snapshot=a=a.cow snapshot=a=b.cow
 refused "snapshot=y/a.cow.*'a'" snapshot=x/a.cow snapshot=y/a.cow
 refused 'snapshot=origin=x.cow' snapshot=origin=x.cow
+refused "'ERR' ends the control socket's replies" snapshot=ERR=err.cow
 refused 'snapshot=origin.cow.*origin' snapshot=origin.cow
 refused 'snapshot-cow-size' snapshot=a.cow snapshot-chunk-size=4k \
         snapshot-cow-size=8k
