@@ -34,6 +34,17 @@ std::string AbsolutePath(const std::string& path) {
   return ec ? path : p.lexically_normal().string();
 }
 
+// One file under two names (a symlink, a hard link, a/../b): its second
+// open would find it locked by this very process.
+bool SameFile(const std::string& a, const std::string& b) {
+  if (a == b) return true;
+  std::error_code ec, ec2;
+  if (std::filesystem::equivalent(a, b, ec) && !ec) return true;
+  const std::filesystem::path ca = std::filesystem::weakly_canonical(a, ec);
+  const std::filesystem::path cb = std::filesystem::weakly_canonical(b, ec2);
+  return !ec && !ec2 && ca == cb;
+}
+
 absl::Status ValidateSnapshotName(std::string_view name) {
   if (name.empty() || name.size() > 64)
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -116,7 +127,7 @@ absl::StatusOr<bool> FilterConfig::Set(std::string_view key,
       return absl::InvalidArgumentError(absl::StrFormat(
           "snapshot=%s: %s; give one as snapshot=NAME=FILE", v, st.message()));
     for (const SnapshotSpec& s : snapshots)
-      if (s.path == spec.path)
+      if (SameFile(s.path, spec.path))
         return absl::InvalidArgumentError(absl::StrFormat(
             "snapshot=%s: %s is given twice (it is already snapshot '%s'); "
             "each snapshot needs its own COW file",

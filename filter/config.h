@@ -39,6 +39,9 @@ struct FilterConfig {
 
 inline constexpr char kOriginExport[] = "origin";
 
+// One file under two names (a symlink, a hard link, a/../b)?
+bool SameFile(const std::string& a, const std::string& b);
+
 // Names: letters, digits, '-', '_', '.', at most 64 bytes, not "origin",
 // "OK" or "ERR".
 absl::Status ValidateSnapshotName(std::string_view name);

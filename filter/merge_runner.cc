@@ -38,7 +38,13 @@ void MergeRunner::Run() {
   int last_tenth = 0;
   absl::Cleanup stopped = [this] { running_.store(false); };
   while (!stop_.load()) {
-    absl::StatusOr<bool> done = engine_->MergeStep();
+    absl::StatusOr<bool> done = [&]() -> absl::StatusOr<bool> {
+      try {  // an exception would end the process from this thread
+        return engine_->MergeStep();
+      } catch (const std::exception& e) {
+        return absl::InternalError(e.what());
+      }
+    }();
     if (!done.ok()) {
       // Nothing is lost: unmerged chunks still live in the COW and the
       // origin export still shows them. A restart resumes the merge.

@@ -146,6 +146,15 @@ int snapshot_config_complete(nbdkit_next_config_complete* next,
       opts.size_cap = g_config.cow_size;
       if (opts.type == StoreType::kTransient && opts.chunk_sectors == 0)
         opts.chunk_sectors = kDefaultChunkSectors;
+      // Checked again now that the earlier files exist: a symlink to one
+      // made just now is the same file.
+      for (const auto& s : g_opened)
+        if (SameFile(s->path, spec.path)) {
+          nbdkit_error("snapshot=%s: %s is given twice (it is already "
+                       "snapshot '%s'); each snapshot needs its own COW file",
+                       spec.path.c_str(), spec.path.c_str(), s->name.c_str());
+          return -1;
+        }
       absl::StatusOr<std::unique_ptr<ExceptionStore>> store =
           OpenStoreFile(spec.path, opts);
       if (!store.ok()) {

@@ -93,6 +93,11 @@ refused 'snapshot-control=/nonexistent/dir/ctl: bind: No such file or directory$
 [ "$(grep -c 'No such file or directory' err.log)" -eq 1 ]
 # Nothing above may have made a COW file.
 test ! -e a.cow -a ! -e b.cow -a ! -e x.cow -a ! -e origin.cow
+# One COW file under two names: named as given twice, not "in use"
+# (the first name's store is made before the second is looked at).
+ln -s a.cow link.cow
+refused "link.cow is given twice" snapshot=a=a.cow snapshot=b=link.cow
+rm -f link.cow a.cow
 
 # ------------------------------------------------------------ COW files
 # refused_file PATTERN FILE: FILE is refused and left unchanged.
