@@ -107,7 +107,8 @@ void MergeDone(bool ok) {
   }
   // nbdkit 1.32 has no way to choose its exit status: everything is
   // durable already, so flush once more and leave with status 1.
-  nbdkit_error("snapshot: merge failed; exiting (restart to resume it)");
+  nbdkit_error("snapshot: merge failed; exiting (restart to resume it): %s",
+               g_merge.Describe().c_str());
   FlushAll();
   g_control.RemoveSocketFile();
   _exit(1);

@@ -2,6 +2,7 @@
 // drivers/md/dm-snap-persistent.c. See ../shared/reference/dm-snapshot.md §1.
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -24,8 +25,7 @@ class PersistentStore final : public ExceptionStore {
         type_(opts.type),
         geo_(chunk_sectors),
         size_cap_(opts.size_cap),
-        read_only_(opts.read_only),
-        area_buf_(geo_.chunk_bytes()) {}
+        read_only_(opts.read_only) {}
 
   ~PersistentStore() override {
     // No writer is left: give back disk space set aside past the end.
@@ -133,6 +133,18 @@ class PersistentStore final : public ExceptionStore {
   }
   void InvalidateLocked(std::string_view reason)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A failed metadata write or sync ends the store. Linux reports a
+  // writeback error to one fsync only: a later one would succeed over data
+  // that never reached the disk, and a later commit could name it.
+  void FailLocked(std::string_view what, const absl::Status& st)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Every committed exception has its record on disk and nothing is being
+  // copied: what a merge step needs.
+  bool QuietLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Keeps the full current area for the next group commit and goes on in
+  // the next one (known to read as zeros): a full area needs no sync of
+  // its own.
+  void NextAreaLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves ready_upto_ past the slots whose copy has finished.
   void AdvanceReadyLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves slots whose data is durable, in allocation order, into the area
@@ -187,6 +199,17 @@ class PersistentStore final : public ExceptionStore {
   std::string invalid_reason_ ABSL_GUARDED_BY(mu_);
   absl::Status io_error_ ABSL_GUARDED_BY(mu_);
   std::vector<std::string> notes_ ABSL_GUARDED_BY(mu_);
+  // What the last PrepareMergeRuns handed out, until CommitMerge removes
+  // it: the records [count - records, count) of the area, as the store
+  // was then.
+  struct PreparedStep {
+    uint64_t area;
+    uint64_t count;
+    uint32_t records;
+    uint32_t next_slot;
+  };
+  std::optional<PreparedStep> prepared_ ABSL_GUARDED_BY(mu_);
+  bool merge_begun_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 absl::Status PersistentStore::WriteHeader(uint32_t valid) {
@@ -238,8 +261,8 @@ absl::Status PersistentStore::Load(const StoreOptions& opts) {
           file_->name()));
     // Area 0 durable first, then the header: a crash leaves either no
     // store (magic 0) or an empty one, never a header without its area.
-    std::vector<char> zero(geo_.chunk_bytes(), 0);
-    if (absl::Status st = file_->PWrite(zero, geo_.AreaChunk(0) * geo_.chunk_bytes());
+    area_buf_.assign(geo_.chunk_bytes(), 0);
+    if (absl::Status st = file_->PWrite(area_buf_, geo_.AreaChunk(0) * geo_.chunk_bytes());
         !st.ok())
       return st;
     if (absl::Status st = file_->Sync(); !st.ok()) return st;
@@ -280,6 +303,30 @@ void PersistentStore::InvalidateLocked(std::string_view reason) {
   if (WriteHeader(0).ok()) (void)file_->Sync();
 }
 
+void PersistentStore::FailLocked(std::string_view what, const absl::Status& st) {
+  io_error_ = st;
+  const std::string reason = absl::StrFormat("%s failed: %s", what, st.message());
+  if (!merge_begun_) {
+    InvalidateLocked(reason);
+    return;
+  }
+  // The COW holds the only copy of what is not merged yet, and every
+  // record on disk still names data synced before: keep the header valid,
+  // so that a restart resumes the merge.
+  if (!valid_) return;
+  valid_ = false;
+  invalid_reason_ = absl::StrCat(reason, " (restart to resume the merge)");
+  cv_.SignalAll();
+}
+
+bool PersistentStore::QuietLocked() const {
+  if (!full_areas_.empty() || durable_upto_ < committed_upto_) return false;
+  // Abandoned slots need no record.
+  return std::all_of(pending_.begin(), pending_.end(), [](const auto& p) {
+    return p.second.state == SlotState::kAbandoned;
+  });
+}
+
 absl::StatusOr<uint64_t> PersistentStore::Allocate(uint64_t old_chunk,
                                                    WriteSource source) {
   snap::MutexLock l(&mu_);
@@ -290,6 +337,13 @@ absl::StatusOr<uint64_t> PersistentStore::Allocate(uint64_t old_chunk,
   if (source == WriteSource::kSnapshot && overflowed_)
     return absl::ResourceExhaustedError(absl::StrFormat(
         "%s: snapshot overflowed: the COW file is full", file_->name()));
+  // The merge step's CommitMerge removes the last records of the area: a
+  // new one among them would be removed instead of a merged one.
+  if (prepared_)
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s: a merge step is under way: no new exceptions until it is "
+        "committed",
+        file_->name()));
   if (next_slot_ >= ExceptionTable::kMaxSlots)
     return absl::ResourceExhaustedError("exception store is full");
   const uint64_t cb = geo_.chunk_bytes();
@@ -343,26 +397,36 @@ void PersistentStore::AdvanceReadyLocked() {
   }
 }
 
+void PersistentStore::NextAreaLocked() {
+  full_areas_.emplace_back(cur_area_, area_buf_);
+  ++cur_area_;
+  cur_count_ = 0;
+  std::fill(area_buf_.begin(), area_buf_.end(), 0);
+}
+
 void PersistentStore::DrainLocked() {
   const uint64_t epa = geo_.exceptions_per_area();
-  while (buffered_upto_ < data_durable_upto_ && cur_count_ < epa) {
+  while (buffered_upto_ < next_slot_) {
     auto it = pending_.find(buffered_upto_);
     if (it == pending_.end() || it->second.state == SlotState::kCopying) break;
     if (it->second.state == SlotState::kReady) {
+      // A record may only name data an earlier sync made durable.
+      if (buffered_upto_ >= data_durable_upto_) break;
+      // Full already when a merge step went back into a full area.
+      if (cur_count_ == epa) {
+        if (!NextAreaKnownZeroLocked()) break;  // WriteAreaLocked zeroes it
+        NextAreaLocked();
+      }
       DiskRecord{it->second.old_chunk, geo_.SlotToChunk(buffered_upto_)}.Encode(
           area_buf_.data() + cur_count_ * kRecordBytes);
       ++cur_count_;
+      if (cur_count_ == epa && NextAreaKnownZeroLocked()) NextAreaLocked();
     }
+    // An abandoned slot needs neither a record nor durable data, so one at
+    // the end drains at once and leaves the store quiet.
     pending_.erase(it);
     ++buffered_upto_;
-    if (cur_count_ == epa && NextAreaKnownZeroLocked()) {
-      // Keep the full area for the next group commit and go on in the next
-      // one: a full area needs no sync of its own.
-      full_areas_.emplace_back(cur_area_, area_buf_);
-      ++cur_area_;
-      cur_count_ = 0;
-      std::fill(area_buf_.begin(), area_buf_.end(), 0);
-    }
+    data_durable_upto_ = std::max(data_durable_upto_, buffered_upto_);
   }
   // A burst of writes between flushes can leave thousands of slots
   // pending; once they are all on disk, give that room back.
@@ -405,8 +469,7 @@ void PersistentStore::WriteAreaLocked() {
   mu_.Lock();
   writer_active_ = false;
   if (!st.ok()) {
-    io_error_ = st;
-    InvalidateLocked(absl::StrCat("metadata commit failed: ", st.message()));
+    FailLocked("metadata commit", st);
   } else {
     durable_upto_ = std::max(durable_upto_, target);
     data_durable_upto_ = std::max(data_durable_upto_, data_target);
@@ -506,6 +569,7 @@ absl::Status PersistentStore::Flush() {
   mu_.Unlock();
   absl::Status st = file_->Sync();
   mu_.Lock();
+  if (!st.ok()) FailLocked("flush", st);
   return st;
 }
 
@@ -518,20 +582,26 @@ absl::StatusOr<MergeRun> PersistentStore::PrepareMerge() {
 absl::StatusOr<std::vector<MergeRun>> PersistentStore::PrepareMergeRuns(
     uint32_t max_records) {
   snap::MutexLock l(&mu_);
+  prepared_.reset();  // a new prepare replaces one that was never committed
   if (!valid_)
     return absl::FailedPreconditionError(absl::StrFormat(
         "%s: snapshot is invalid, it cannot be merged: %s", file_->name(),
         invalid_reason_));
-  if (!pending_.empty() || durable_upto_ != next_slot_)
+  DrainLocked();
+  if (!QuietLocked())
     return absl::FailedPreconditionError(
         "merge needs a quiet store: exceptions are still in flight");
+  merge_begun_ = true;
   const uint64_t cb = geo_.chunk_bytes();
   if (cur_count_ == 0) {
     if (cur_area_ == 0) return std::vector<MergeRun>{};
-    --cur_area_;
-    if (absl::Status st = file_->PRead(area_buf_, geo_.AreaChunk(cur_area_) * cb);
+    // Into a copy first: a failed read must leave the store as it was.
+    std::vector<char> prev(cb);
+    if (absl::Status st = file_->PRead(prev, geo_.AreaChunk(cur_area_ - 1) * cb);
         !st.ok())
       return st;
+    --cur_area_;
+    area_buf_ = std::move(prev);
     cur_count_ = geo_.exceptions_per_area();
   }
   // Runs from the end of the area: each the newest record left and the
@@ -539,7 +609,7 @@ absl::StatusOr<std::vector<MergeRun>> PersistentStore::PrepareMergeRuns(
   std::vector<MergeRun> runs;
   const char* base = area_buf_.data();
   uint64_t end = cur_count_;  // records [0, end) not yet taken
-  uint64_t taken = 0;
+  uint32_t taken = 0;
   while (end > 0 && (taken == 0 || taken < max_records)) {
     DiskRecord last = DiskRecord::Decode(base + (end - 1) * kRecordBytes);
     uint32_t n = 1;
@@ -550,17 +620,49 @@ absl::StatusOr<std::vector<MergeRun>> PersistentStore::PrepareMergeRuns(
       ++n;
     }
     if (taken != 0 && taken + n > max_records) break;
+    // A record the table does not map (a later duplicate of an origin
+    // chunk; the earliest wins) holds data the snapshot never showed:
+    // merging it, or it and the real one in one batch, would put the wrong
+    // data on the origin. The kernel fails such a merge too.
+    for (uint32_t k = 0; k < n; ++k) {
+      const uint64_t old_chunk = last.old_chunk - k;
+      std::optional<uint32_t> slot = table_.Lookup(old_chunk);
+      if (!slot || geo_.SlotToChunk(*slot) != last.new_chunk - k)
+        return absl::FailedPreconditionError(absl::StrFormat(
+            "%s: cannot merge: origin chunk %d has a second record (area %d "
+            "record %d, COW chunk %d) besides the one the snapshot uses; run "
+            "'nbdsnap check %s'",
+            file_->name(), old_chunk, cur_area_, end - 1 - k,
+            last.new_chunk - k, file_->name()));
+    }
     runs.push_back({last.old_chunk - (n - 1), last.new_chunk - (n - 1), n});
     taken += n;
     end -= n;
   }
+  if (!runs.empty()) prepared_ = PreparedStep{cur_area_, cur_count_, taken, next_slot_};
   return runs;
 }
 
 absl::Status PersistentStore::CommitMerge(uint32_t count) {
   snap::MutexLock l(&mu_);
-  if (count == 0 || count > cur_count_)
-    return absl::InternalError("commit_merge of more records than the area has");
+  if (!valid_)
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s: snapshot is invalid: %s", file_->name(), invalid_reason_));
+  if (!prepared_)
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s: no merge step is prepared: nothing to commit", file_->name()));
+  // Removes the last records of the area: only if they are still the ones
+  // the caller copied.
+  if (prepared_->area != cur_area_ || prepared_->count != cur_count_ ||
+      prepared_->next_slot != next_slot_)
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s: the store changed since the merge step was prepared: its "
+        "records are kept; prepare the step again",
+        file_->name()));
+  if (count == 0 || count > prepared_->records)
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s: commit of %d merged records, but the step prepared %d",
+        file_->name(), count, prepared_->records));
   const uint64_t cb = geo_.chunk_bytes();
   std::vector<DiskRecord> gone;
   for (uint32_t i = 0; i < count; ++i) {
@@ -572,15 +674,17 @@ absl::Status PersistentStore::CommitMerge(uint32_t count) {
   const uint64_t area = cur_area_;
   mu_.Unlock();
   absl::Status st = file_->PWrite(buf, geo_.AreaChunk(area) * cb);
-  if (st.ok()) st = file_->Sync();
+  absl::Status sync = st.ok() ? file_->Sync() : absl::OkStatus();
   mu_.Lock();
-  if (!st.ok()) {
+  if (!st.ok() || !sync.ok()) {
     // Put the records back: the on-disk area may or may not have them, and
     // both are fine, since the COW still holds the data.
     for (uint32_t i = 0; i < count; ++i)
       gone[i].Encode(area_buf_.data() + (cur_count_ - 1 - i) * kRecordBytes);
-    return st;
+    if (!sync.ok()) FailLocked("merge step commit", sync);
+    return st.ok() ? sync : st;
   }
+  prepared_.reset();
   cur_count_ -= count;
   for (const DiskRecord& r : gone) {
     std::optional<uint32_t> slot = table_.Lookup(r.old_chunk);
@@ -591,6 +695,8 @@ absl::Status PersistentStore::CommitMerge(uint32_t count) {
   next_slot_ = buffered_upto_ = data_durable_upto_ = ready_upto_ =
       durable_upto_ = committed_upto_ =
           static_cast<uint32_t>(*geo_.ChunkToSlot(next_free));
+  // Abandoned slots past it (the only kind a quiet store has) are gone.
+  pending_.clear();
   return absl::OkStatus();
 }
 

@@ -4,6 +4,7 @@
 // prepare_merge/commit_merge) including crashes in the middle of a merge.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -304,8 +305,9 @@ START_TEST(torn_power_loss_while_creating_store) {
 END_TEST
 
 // An I/O error (EIO, or a short write) at every write of the sequence, then
-// at every sync: the store reports it, and the file, as it is and after a
-// power loss, opens either invalid or with a correct prefix.
+// at every sync (also losing the writes it covered): the store reports it,
+// and the file, as it is and after a power loss, opens either invalid or
+// with a correct prefix.
 START_TEST(io_error_at_every_write_and_sync) {
   const std::vector<Step> seq = Sequence();
   std::vector<std::string> failures;
@@ -318,14 +320,17 @@ START_TEST(io_error_at_every_write_and_sync) {
       writes = disk.counters().writes;
       syncs = disk.counters().syncs;
     }
-    for (int pass = 0; pass < 3; ++pass) {
-      const uint64_t limit = pass == 2 ? syncs : writes;
+    // Passes: EIO at a write, a short write, EIO at a sync, and a sync
+    // that loses the writes it covered (Linux reports that once).
+    for (int pass = 0; pass < 4; ++pass) {
+      const uint64_t limit = pass >= 2 ? syncs : writes;
       for (uint64_t k = 0; k < limit; ++k) {
         FaultFile disk(InitialImage(kind), "fault.cow");
         snaptest::Fault f;
-        f.op = pass == 2 ? Op::kSync : Op::kWrite;
+        f.op = pass >= 2 ? Op::kSync : Op::kWrite;
         f.kind = pass == 1 ? snaptest::FaultKind::kShortWrite : snaptest::FaultKind::kEIO;
         f.short_bytes = 200;
+        f.lose_writeback = pass == 3;
         f.nth = k;
         disk.AddFault(f);
         Outcome o = RunSequence(disk, seq);
@@ -340,7 +345,8 @@ START_TEST(io_error_at_every_write_and_sync) {
           if (r.ok() && !(*r)->valid()) ++invalid;
           if (!err.empty())
             failures.push_back(std::string(kImageName[kind]) + ", " +
-                               std::string(pass == 2   ? "EIO at sync #"
+                               std::string(pass == 3   ? "lost writeback at sync #"
+                                           : pass == 2 ? "EIO at sync #"
                                            : pass == 1 ? "short write #"
                                                        : "EIO at write #") +
                                std::to_string(k) + (lost ? " + power loss" : "") + ": " + err);
@@ -645,40 +651,126 @@ START_TEST(merge_refused_while_exceptions_in_flight) {
 }
 END_TEST
 
-// Duplicates (old kernels): the newest duplicate is merged first, the
-// earliest last, so the origin ends with what the snapshot showed.
+// Duplicates (old kernels): the earliest record of an origin chunk is the
+// snapshot's; a later one shadows nothing and must never reach the
+// origin. A batch holding both would take one chunk lock twice and copy
+// in any order, and the kernel fails such a merge: so does the store, at
+// the first shadowed record, naming the chunk, before anything is copied.
 START_TEST(merge_with_duplicate_records) {
-  std::vector<char> img(40 * kCb, 0);
-  std::vector<char> h(kCb, 0);
-  snap::DiskHeader{snap::kSnapMagic, 1, 1, kCs}.Encode(h);
-  std::copy(h.begin(), h.end(), img.begin());
-  const DiskRecord recs[] = {{5, 2}, {9, 3}, {5, 4}, {6, 5}};
-  for (size_t i = 0; i < 4; ++i) recs[i].Encode(img.data() + kCb + 16 * i);
-  for (uint64_t c = 2; c <= 5; ++c) {
-    std::vector<char> d = Pattern(c, kCb);
-    std::copy(d.begin(), d.end(), img.begin() + static_cast<ptrdiff_t>(c * kCb));
-  }
-  FaultFile disk(img, "dup.cow");
-  std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle());
-  ck_assert_uint_eq(s->Lookup(5)->cow_chunk, 2);
-  std::map<uint64_t, std::vector<char>> origin;
-  for (;;) {
-    absl::StatusOr<MergeRun> r = s->PrepareMerge();
-    ck_assert(r.ok());
-    if (r->count == 0) break;
-    for (uint32_t k = 0; k < r->count; ++k) {
-      std::vector<char> buf(kCb);
-      ASSERT_OK(s->ReadChunk(r->cow_chunk + k, 0, buf));
-      origin[r->old_chunk + k] = buf;
+  struct Case {
+    std::vector<DiskRecord> recs;
+    uint32_t batch;
+    size_t merged_before;  // records merged before the duplicate is met
+  } cases[] = {
+      {{{5, 2}, {9, 3}, {5, 4}, {6, 5}}, 16384, 0},  // in the first batch
+      {{{5, 2}, {5, 3}, {8, 4}, {9, 5}}, 2, 2},      // in a later one
+  };
+  for (const Case& c : cases) {
+    std::vector<char> img(40 * kCb, 0);
+    snap::DiskHeader{snap::kSnapMagic, 1, 1, kCs}.Encode(img);
+    for (size_t i = 0; i < c.recs.size(); ++i) c.recs[i].Encode(img.data() + kCb + 16 * i);
+    FaultFile disk(img, "dup.cow");
+    std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle());
+    ck_assert_uint_eq(s->Lookup(5)->cow_chunk, 2);
+    size_t merged = 0;
+    absl::StatusOr<std::vector<MergeRun>> runs;
+    for (;;) {
+      runs = s->PrepareMergeRuns(c.batch);
+      if (!runs.ok() || runs->empty()) break;
+      uint32_t n = 0;
+      for (const MergeRun& r : *runs) n += r.count;
+      ASSERT_OK(s->CommitMerge(n));
+      merged += n;
     }
-    ASSERT_OK(s->CommitMerge(r->count));
-    // Until the earliest record of 5 is merged, reads of 5 still go to it.
-    if (s->exception_count() > 0 && s->Lookup(5)) ck_assert_uint_eq(s->Lookup(5)->cow_chunk, 2);
+    ck_assert_msg(!runs.ok(), "a merge over a duplicate record went through");
+    const std::string msg(runs.status().message());
+    ck_assert_msg(msg.find("origin chunk 5") != std::string::npos &&
+                      msg.find("nbdsnap check") != std::string::npos,
+                  "message: %s", msg.c_str());
+    ck_assert_uint_eq(merged, c.merged_before);
+    ck_assert(s->valid());
+    ck_assert_uint_eq(s->Lookup(5)->cow_chunk, 2);  // the snapshot's data is kept
   }
-  ck_assert(origin[5] == Pattern(2, kCb));
-  ck_assert(origin[9] == Pattern(3, kCb));
-  ck_assert(origin[6] == Pattern(5, kCb));
-  ck_assert_uint_eq(s->exception_count(), 0);
+}
+END_TEST
+
+// CommitMerge removes what PrepareMergeRuns handed out, nothing else: no
+// exception may be taken in between (a write through a handle opened
+// before the merge would otherwise lose its record instead), a count
+// larger than prepared is refused, and so is a commit without a prepare.
+START_TEST(merge_commit_matches_its_prepare) {
+  FaultFile disk;
+  std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle());
+  for (uint64_t old : {100, 200, 300}) {
+    absl::StatusOr<uint64_t> c = s->Allocate(old, WriteSource::kOrigin);
+    ck_assert(c.ok());
+    ASSERT_OK(s->WriteChunk(*c, 0, Pattern(old, kCb)));
+    ASSERT_OK(s->Commit(*c, true));
+  }
+  absl::Status none = s->CommitMerge(1);
+  ck_assert_msg(absl::IsFailedPrecondition(none), "%s", none.ToString().c_str());
+  absl::StatusOr<std::vector<MergeRun>> runs = s->PrepareMergeRuns(1);
+  ck_assert(runs.ok() && runs->size() == 1 && (*runs)[0].old_chunk == 300);
+  absl::StatusOr<uint64_t> c = s->Allocate(400, WriteSource::kSnapshot);
+  ck_assert_msg(!c.ok(), "an exception was allocated during a merge step");
+  ck_assert(absl::IsFailedPrecondition(c.status()));
+  absl::Status more = s->CommitMerge(2);  // only 300 was copied
+  ck_assert_msg(absl::IsFailedPrecondition(more), "%s", more.ToString().c_str());
+  ck_assert_uint_eq(s->exception_count(), 3);
+  ASSERT_OK(s->CommitMerge(1));
+  ck_assert(!s->Lookup(300).has_value());
+  ck_assert(s->Lookup(100).has_value() && s->Lookup(200).has_value());
+  ck_assert(!s->CommitMerge(1).ok());  // that step is done
+  // Allocation works again once the step is committed.
+  c = s->Allocate(400, WriteSource::kSnapshot);
+  ck_assert(c.ok());
+  ASSERT_OK(s->WriteChunk(*c, 0, Pattern(400, kCb)));
+  ASSERT_OK(s->Commit(*c, true));
+  s.reset();
+  s = MustOpen(disk.PowerLoss());
+  ck_assert(s->Lookup(100) && s->Lookup(200) && s->Lookup(400) && !s->Lookup(300));
+}
+END_TEST
+
+// A merge step that steps back into a full area and then stops (here at
+// a shadowed duplicate) leaves that area current and full. When the next
+// area is known to be zero, the next commit must still find room for its
+// record instead of writing the same area again and again.
+START_TEST(commit_after_merge_stepped_back_into_full_area) {
+  FaultFile disk;
+  std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle());
+  for (uint64_t i = 0; i <= kEpa; ++i) {
+    absl::StatusOr<uint64_t> c = s->Allocate(1000 + 2 * i, WriteSource::kOrigin);
+    ck_assert(c.ok());
+    ASSERT_OK(s->Commit(*c, false));
+  }
+  ASSERT_OK(s->Flush());
+  // The last record of area 0 becomes a duplicate of its first.
+  std::vector<char> rec(16);
+  DiskRecord{1000, kGeo.SlotToChunk(kEpa - 1)}.Encode(rec.data());
+  disk.Poke(kGeo.AreaChunk(0) * kCb + (kEpa - 1) * 16, rec);
+  absl::StatusOr<std::vector<MergeRun>> runs = s->PrepareMergeRuns(1);
+  ck_assert(runs.ok() && runs->size() == 1);
+  ASSERT_OK(s->CommitMerge(1));               // area 1 is empty now
+  ck_assert(!s->PrepareMergeRuns(1).ok());    // back in area 0: the duplicate
+  absl::StatusOr<uint64_t> c = s->Allocate(5, WriteSource::kSnapshot);
+  ck_assert_msg(c.ok(), "%s", c.status().ToString().c_str());
+  ASSERT_OK(s->WriteChunk(*c, 0, Pattern(5, kCb)));
+  auto done = std::make_shared<std::atomic<int>>(-1);
+  ExceptionStore* sp = s.get();
+  const uint64_t cow = *c;
+  std::thread([sp, cow, done] { done->store(sp->Commit(cow, true).ok()); }).detach();
+  for (int i = 0; i < 100 && done->load() < 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ck_assert_msg(done->load() >= 0, "Commit(wait) still running after 5 s (%llu syncs)",
+                static_cast<ull>(disk.counters().syncs));
+  ck_assert(done->load() == 1);
+  ck_assert(s->Lookup(5)->durable);
+  s.reset();
+  s = MustOpen(disk.PowerLoss());
+  std::optional<snap::Exception> e = s->Lookup(5);
+  ck_assert(e && e->cow_chunk == cow);
+  ck_assert_uint_eq(s->exception_count(), kEpa);  // area 0 but its duplicate, and 5
 }
 END_TEST
 
@@ -727,23 +819,67 @@ START_TEST(merge_survives_power_loss_at_each_step) {
 }
 END_TEST
 
-START_TEST(merge_area_write_error_fails_step_then_retry) {
+// Area I/O fails in a merge step: the step fails, the store keeps every
+// record it had, and a retry merges everything.
+START_TEST(merge_area_io_error_fails_step_then_retry) {
+  struct Case {
+    Op op;
+    uint64_t area;
+    size_t n;
+    size_t left;  // exceptions after the failed step
+  } cases[] = {
+      {Op::kWrite, 1, kEpa + 4, kEpa + 4},  // the first step's area write
+      {Op::kRead, 0, kEpa + 3, kEpa},       // the full area a step goes back to
+  };
+  for (const Case& c : cases) {
+    FaultFile disk;
+    Built b = BuildForMerge(disk, c.n, 13);
+    const std::vector<std::vector<char>> view = SnapshotView(b);
+    std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle());
+    const uint64_t total = disk.Contents().size() / 512;
+    snaptest::Fault f;
+    f.op = c.op;
+    f.lo = kGeo.AreaChunk(c.area) * kCb;
+    f.hi = f.lo + kCb;
+    disk.AddFault(f);
+    size_t remaining = c.n;
+    ck_assert(!MergeSteps(*s, b, remaining, nullptr, nullptr, total));
+    ck_assert_uint_eq(s->exception_count(), c.left);
+    ck_assert(MergeSteps(*s, b, remaining, nullptr, nullptr, total));
+    ck_assert(b.origin == view);
+  }
+}
+END_TEST
+
+// The sync of a merge step fails the Linux way (the write is lost, the
+// error reported once): nothing may claim durability after it, but the
+// header stays valid, because the COW holds the only copy of what is not
+// merged yet: after a restart the merge resumes and ends right.
+START_TEST(merge_sync_error_stops_store_but_merge_resumes) {
   FaultFile disk;
-  const size_t n = kEpa + 4;
-  Built b = BuildForMerge(disk, n, 13);
+  const size_t n = kEpa + 5;
+  Built b = BuildForMerge(disk, n, 17);
   const std::vector<std::vector<char>> view = SnapshotView(b);
   std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle());
   const uint64_t total = disk.Contents().size() / 512;
-  // The area write of the first step fails: the step fails, the records
-  // are kept in memory, and the store can retry.
+  absl::StatusOr<MergeRun> r = s->PrepareMerge();
+  ck_assert(r.ok() && r->count > 0);
+  std::vector<char> buf(kCb);
+  for (uint32_t k = 0; k < r->count; ++k) {
+    ASSERT_OK(s->ReadChunk(r->cow_chunk + k, 0, buf));
+    b.origin[r->old_chunk + k] = buf;
+  }
   snaptest::Fault f;
-  f.op = Op::kWrite;
-  f.lo = kGeo.AreaChunk(1) * kCb;
-  f.hi = f.lo + kCb;
+  f.op = Op::kSync;
+  f.lose_writeback = true;
   disk.AddFault(f);
-  size_t remaining = n;
-  ck_assert(!MergeSteps(*s, b, remaining, nullptr, nullptr, total));
-  ck_assert_uint_eq(s->exception_count(), n);
+  ck_assert(!s->CommitMerge(r->count).ok());
+  ck_assert_msg(!s->Flush().ok(), "a flush succeeded after a failed sync");
+  ck_assert(!s->PrepareMerge().ok());
+  s.reset();
+  s = MustOpen(disk.PowerLoss());
+  ck_assert_msg(s->valid(), "%s", s->invalid_reason().c_str());
+  size_t remaining = s->exception_count();
   ck_assert(MergeSteps(*s, b, remaining, nullptr, nullptr, total));
   ck_assert(b.origin == view);
 }
@@ -771,8 +907,11 @@ Suite* MergeSuite() {
   tcase_add_test(tc, merge_at_exact_area_boundaries);
   tcase_add_test(tc, merge_refused_while_exceptions_in_flight);
   tcase_add_test(tc, merge_with_duplicate_records);
+  tcase_add_test(tc, merge_commit_matches_its_prepare);
+  tcase_add_test(tc, commit_after_merge_stepped_back_into_full_area);
+  tcase_add_test(tc, merge_sync_error_stops_store_but_merge_resumes);
   tcase_add_test(tc, merge_survives_power_loss_at_each_step);
-  tcase_add_test(tc, merge_area_write_error_fails_step_then_retry);
+  tcase_add_test(tc, merge_area_io_error_fails_step_then_retry);
   suite_add_tcase(s, tc);
   return s;
 }

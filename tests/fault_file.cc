@@ -194,12 +194,16 @@ absl::Status FaultFile::Sync() {
     return absl::ErrnoToStatus(
         EIO, absl::StrFormat("%s: sync #%d failed: simulated crash", name_, index));
   }
-  if (std::optional<Fault> f = TakeFault(d, Op::kSync, index, 0, 0)) {
-    d.events.push_back(ev);
-    return FaultStatus(*f, name_, "sync", 0);
-  }
   const uint64_t k = std::min<uint64_t>(
       d.unsynced.size(), covers > d.synced_ops ? covers - d.synced_ops : 0);
+  if (std::optional<Fault> f = TakeFault(d, Op::kSync, index, 0, 0)) {
+    d.events.push_back(ev);
+    if (f->lose_writeback) {
+      d.unsynced.erase(d.unsynced.begin(), d.unsynced.begin() + static_cast<ptrdiff_t>(k));
+      d.synced_ops += k;
+    }
+    return FaultStatus(*f, name_, "sync", 0);
+  }
   for (uint64_t i = 0; i < k; ++i) Apply(d.durable, d.unsynced[i].ev, d.unsynced[i].data);
   d.unsynced.erase(d.unsynced.begin(), d.unsynced.begin() + static_cast<ptrdiff_t>(k));
   d.synced_ops += k;

@@ -40,6 +40,10 @@ struct Fault {
   uint64_t short_bytes = 0;
   bool sticky = false;  // keeps firing; otherwise fires once
   bool freeze = false;  // once fired, nothing more lands (a dead disk)
+  // kSync: Linux's writeback error. The writes the failed sync covered
+  // never reach the disk (reads still see them, as from the page cache),
+  // and the error is reported once: the next sync succeeds.
+  bool lose_writeback = false;
 };
 
 // One call on the disk, as logged.

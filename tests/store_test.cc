@@ -3,6 +3,7 @@
 // commit, error injection. Crash and merge tests are in crash_test.cc.
 #include <errno.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -731,6 +732,30 @@ START_TEST(bad_headers_refused_unchanged) {
 }
 END_TEST
 
+// A header that claims 1 GiB chunks in a file far smaller is refused
+// before anything chunk-sized is allocated (it used to cost a 1 GiB
+// buffer, zeroed, to say no).
+START_TEST(huge_chunk_header_refused_cheaply) {
+  for (uint64_t size : {uint64_t{16}, uint64_t{1} << 20}) {
+    std::vector<char> img(size, 0);
+    DiskHeader{snap::kSnapMagic, 1, 1, 1u << 21}.Encode(img);
+    for (bool ro : {false, true}) {
+      FaultFile disk(img, "huge.cow");
+      StoreOptions o = Opts(0);
+      o.read_only = ro;
+      struct rusage before, after;
+      getrusage(RUSAGE_SELF, &before);
+      absl::Status st = OpenError(disk.Handle(), o);
+      getrusage(RUSAGE_SELF, &after);
+      ASSERT_CONTAINS(std::string(st.message()), "truncated");
+      const long grew_kib = after.ru_maxrss - before.ru_maxrss;
+      ck_assert_msg(grew_kib < 64 * 1024, "refusing a %llu-byte file cost %ld KiB",
+                    static_cast<ull>(size), grew_kib);
+    }
+  }
+}
+END_TEST
+
 START_TEST(valid_zero_opens_invalid) {
   FaultFile disk;
   {
@@ -1120,6 +1145,72 @@ START_TEST(eio_on_sync_invalidates) {
   ck_assert(!s->valid());
   ASSERT_STR_EQ(s->StatusLine(), "Invalid");
   ck_assert(!s->Flush().ok());
+}
+END_TEST
+
+// Linux reports a writeback error to one fsync only: the next one
+// succeeds over the lost data. A failed sync in a client's flush must
+// therefore end the store, or a later group commit would make a record
+// durable for a copy-out whose data never reached the disk.
+START_TEST(failed_flush_sync_is_fatal) {
+  FaultFile disk;
+  std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle(), Opts(8));
+  Written a = Add(*s, 1, 1, 4096, true);
+  // An origin copy-out: its data written, its commit still to come.
+  absl::StatusOr<uint64_t> c = s->Allocate(2, WriteSource::kOrigin);
+  ck_assert(c.ok());
+  ASSERT_OK(s->WriteChunk(*c, 0, Pattern(2, 4096)));
+  Fault f;
+  f.op = Op::kSync;
+  f.lose_writeback = true;
+  disk.AddFault(f);
+  absl::Status fl = s->Flush();
+  ck_assert(!fl.ok());
+  ck_assert_msg(!s->valid(), "the store is still valid after a failed sync");
+  ASSERT_CONTAINS(s->invalid_reason(), "sync");
+  ck_assert(!s->Commit(*c, true).ok());
+  ck_assert(!s->Flush().ok());
+  s.reset();
+  // Whatever is on disk names no lost data.
+  s = MustOpen(disk.PowerLoss(), Opts(8));
+  if (s->valid()) {
+    std::optional<snap::Exception> e = s->Lookup(2);
+    std::vector<char> buf(4096);
+    if (e) ASSERT_OK(s->ReadChunk(e->cow_chunk, 0, buf));
+    ck_assert_msg(!e || buf == Pattern(2, 4096), "a record names data that was lost");
+    Verify(*s, {a}, 4096);
+  }
+}
+END_TEST
+
+// A copy that failed after the last commit leaves an abandoned slot at the
+// end: it needs no record, so the store is quiet and can be merged.
+START_TEST(trailing_abandoned_slot_leaves_store_quiet) {
+  FaultFile disk;
+  std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle(), Opts(8));
+  Add(*s, 10, 10, 4096, true);
+  Add(*s, 11, 11, 4096, true);
+  absl::StatusOr<uint64_t> c = s->Allocate(12, WriteSource::kSnapshot);
+  ck_assert(c.ok());
+  s->Abandon(*c);
+  ASSERT_OK(s->Flush());
+  absl::StatusOr<std::vector<snap::MergeRun>> runs = s->PrepareMergeRuns(100);
+  ck_assert_msg(runs.ok(), "merge refused: %s", runs.status().ToString().c_str());
+  ck_assert_uint_eq(runs->size(), 1);
+  ck_assert_uint_eq((*runs)[0].old_chunk, 10);
+  ck_assert_uint_eq((*runs)[0].count, 2);
+  ASSERT_OK(s->CommitMerge(2));
+  ck_assert_uint_eq(s->exception_count(), 0);
+  // A lazy commit waiting for its sync is still in flight, and an
+  // abandoned slot after it does not hide it.
+  Add(*s, 20, 20, 4096, false);
+  c = s->Allocate(21, WriteSource::kSnapshot);
+  ck_assert(c.ok());
+  s->Abandon(*c);
+  ck_assert(!s->PrepareMergeRuns(100).ok());
+  ASSERT_OK(s->Flush());
+  runs = s->PrepareMergeRuns(100);
+  ck_assert(runs.ok() && runs->size() == 1 && (*runs)[0].old_chunk == 20);
 }
 END_TEST
 
@@ -1631,6 +1722,25 @@ START_TEST(fault_file_injected_faults) {
 }
 END_TEST
 
+// Linux's fsync: a failed writeback loses the writes it covered, reports
+// the error once, and the next sync succeeds without them.
+START_TEST(fault_file_lost_writeback_reported_once) {
+  FaultFile f;
+  ASSERT_OK(f.PWrite(Bytes("aaaa"), 0));
+  ASSERT_OK(f.Sync());
+  ASSERT_OK(f.PWrite(Bytes("bb"), 0));
+  Fault lost;
+  lost.op = Op::kSync;
+  lost.lose_writeback = true;
+  f.AddFault(lost);
+  ck_assert(!f.Sync().ok());
+  ASSERT_OK(f.PWrite(Bytes("c"), 3));
+  ASSERT_OK(f.Sync());
+  ASSERT_STR_EQ(Str(f.Contents()), "bbac");  // what reads see
+  ASSERT_STR_EQ(Str(f.Durable()), "aaac");   // "bb" never reached the disk
+}
+END_TEST
+
 START_TEST(fault_file_crash_at_freezes) {
   FaultFile f;
   f.CrashAt(1);
@@ -1713,6 +1823,7 @@ Suite* FaultFileSuite() {
   TCase* tc = tcase_create("double");
   tcase_add_test(tc, fault_file_durable_and_current_images);
   tcase_add_test(tc, fault_file_injected_faults);
+  tcase_add_test(tc, fault_file_lost_writeback_reported_once);
   tcase_add_test(tc, fault_file_crash_at_freezes);
   tcase_add_test(tc, fault_file_torn_power_loss_keeps_subsets);
   tcase_add_test(tc, fault_file_handles_share_one_disk);
@@ -1746,6 +1857,7 @@ Suite* HeaderSuite() {
   tcase_add_test(tc, header_chunk_size_overrides_requested);
   tcase_add_test(tc, bad_headers_refused_unchanged);
   tcase_add_test(tc, valid_zero_opens_invalid);
+  tcase_add_test(tc, huge_chunk_header_refused_cheaply);
   suite_add_tcase(s, tc);
   tc = tcase_create("records");
   tcase_add_test(tc, truncated_files_refused);
@@ -1774,6 +1886,8 @@ Suite* ErrorSuite() {
   TCase* tc = tcase_create("injected");
   tcase_add_test(tc, eio_on_area_write_invalidates);
   tcase_add_test(tc, eio_on_sync_invalidates);
+  tcase_add_test(tc, failed_flush_sync_is_fatal);
+  tcase_add_test(tc, trailing_abandoned_slot_leaves_store_quiet);
   tcase_add_test(tc, data_write_error_then_abandon_keeps_store_valid);
   tcase_add_test(tc, abandon_leaves_hole_and_store_works);
   tcase_add_test(tc, enospc_on_data_write_keeps_store);

@@ -24,7 +24,11 @@
 #     snapshot-merge=nosuch, snapshot-merge-exit without snapshot-merge,
 #     and a merge of an invalid snapshot (one made Invalid by a
 #     snapshot-cow-size overflow, and the kernel-made invalid8 fixture).
-# Failures in A and B are counted, so one run reports all of them.
+#  D. Two records for one origin chunk (old kernels): the merge stops at
+#     the one the snapshot does not use, before copying anything, naming
+#     the chunk (the kernel fails such a merge too; it used to hang here);
+#     snapshot-merge-exit=true exits 1, the origin and the COW unchanged.
+# Failures in A, B and D are counted, so one run reports all of them.
 source "$srcdir/functions.sh"
 set -e
 set -x
@@ -344,6 +348,32 @@ if [ -r "$srcdir/fixtures/kernel/invalid8.cow.xz" ] && xz --version >/dev/null 2
     grep -q 'snapshot-merge=k: the snapshot is invalid' err.txt ||
         fail "C: no message for invalid8"
 fi
+
+# ------------------------------------------------------------------ D
+# 4k chunks, area 0: 5->2, 9->3, 5->4, 6->5; the first record of 5 wins.
+python3 -c '
+import struct
+cb = 4096
+img = bytearray(40 * cb)
+img[0:16] = struct.pack("<IIII", 0x70416e53, 1, 1, 8)
+for i, (o, n) in enumerate([(5, 2), (9, 3), (5, 4), (6, 5)]):
+    img[cb + 16 * i:cb + 16 * i + 16] = struct.pack("<QQ", o, n)
+for c in range(2, 6):
+    img[c * cb:(c + 1) * cb] = bytes([c]) * cb
+open("dup.cow", "wb").write(img)
+open("dup-origin.img", "wb").write(bytes(64 * cb))'
+cp dup.cow dup-before.cow
+cp dup-origin.img dup-origin-before.img
+rm -f "$sock"
+rc=0
+timeout -k 10 30 nbdkit -f -U "$sock" --filter="$FILTER" file dup-origin.img \
+    snapshot=dup=dup.cow snapshot-merge=dup snapshot-merge-exit=true 2> d.log || rc=$?
+cat d.log
+[ $rc -eq 1 ] || fail "D: a merge over a duplicate record exited $rc, not 1"
+grep -q 'origin chunk 5 .*nbdsnap check' d.log ||
+    fail "D: the error does not name origin chunk 5 and nbdsnap check"
+cmp dup-origin.img dup-origin-before.img || fail "D: the origin changed"
+cmp dup.cow dup-before.cow || fail "D: the COW changed"
 
 echo "$failed failure(s)"
 [ $failed -eq 0 ]
