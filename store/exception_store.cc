@@ -1,29 +1,23 @@
 #include "store/exception_store.h"
 
-#include <cctype>
-
+#include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "store/store_status.h"
 
 namespace snap {
 
 absl::StatusOr<StoreType> ParseStoreType(std::string_view text) {
-  auto bad = [&] {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "store type '%s' is not P, PO or N", std::string(text)));
-  };
-  if (text.empty()) return bad();
-  switch (std::toupper(static_cast<unsigned char>(text[0]))) {
-    case 'N':
-      return StoreType::kTransient;
-    case 'P':
-      if (text.size() == 1) return StoreType::kPersistent;
-      if (std::toupper(static_cast<unsigned char>(text[1])) == 'O')
-        return StoreType::kPersistentOverflow;
-      return bad();
-    default:
-      return bad();
-  }
+  // Exactly the names, unlike dm's first-letter rule: there "nope" or
+  // "no" would be N, and a typo would lose every exception at restart.
+  for (StoreType t : {StoreType::kPersistent, StoreType::kPersistentOverflow,
+                      StoreType::kTransient})
+    if (std::string_view name = StoreTypeName(t);
+        absl::EqualsIgnoreCase(absl::string_view(text.data(), text.size()),
+                               absl::string_view(name.data(), name.size())))
+      return t;
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "store type '%s' is not one of P, PO or N (upper or lower case)",
+      std::string(text)));
 }
 
 std::string_view StoreTypeName(StoreType type) {

@@ -24,8 +24,8 @@ namespace snap {
 
 enum class StoreType { kPersistent, kPersistentOverflow, kTransient };
 
-// dm's rules: first letter P or N, case-insensitive; after P only O may
-// follow ("PO"); anything after N is ignored.
+// "P", "PO" or "N", upper or lower case; nothing else (dm looks at the
+// first letter only, which makes a typo such as "nope" a transient store).
 absl::StatusOr<StoreType> ParseStoreType(std::string_view text);
 std::string_view StoreTypeName(StoreType type);  // "P", "PO", "N"
 

@@ -206,7 +206,10 @@ START_TEST(parse_chunk_size_accepts_and_refuses) {
 }
 END_TEST
 
-START_TEST(parse_store_type_dm_rules) {
+// Exactly P, PO or N, in either case: dm's first-letter rule would make
+// "nope", "no" or "nonpersistent" a transient store (lost at restart) and
+// "poo" PO.
+START_TEST(parse_store_type_exact_names) {
   struct {
     const char* text;
     snap::StoreType type;
@@ -217,15 +220,21 @@ START_TEST(parse_store_type_dm_rules) {
               {"Po", snap::StoreType::kPersistentOverflow},
               {"pO", snap::StoreType::kPersistentOverflow},
               {"N", snap::StoreType::kTransient},
-              {"n", snap::StoreType::kTransient},
-              {"Nxyz", snap::StoreType::kTransient}};
+              {"n", snap::StoreType::kTransient}};
   for (const auto& g : good) {
     absl::StatusOr<snap::StoreType> t = snap::ParseStoreType(g.text);
     ck_assert_msg(t.ok(), "'%s' refused: %s", g.text, t.status().ToString().c_str());
     ck_assert_msg(*t == g.type, "'%s' parsed to the wrong type", g.text);
   }
-  const char* bad[] = {"", "persistent", "Px", "PN", "X", "O", "transient-ish", " P"};
-  for (const char* b : bad) ck_assert_msg(!snap::ParseStoreType(b).ok(), "'%s' accepted", b);
+  const char* bad[] = {"",     "persistent", "Px",   "PN",  "X",     "O", "transient-ish",
+                       " P",   "P ",         "Nxyz", "nope", "no",   "nonpersistent",
+                       "poo",  "POO",        "pox",  "NP"};
+  for (const char* b : bad) {
+    absl::StatusOr<snap::StoreType> t = snap::ParseStoreType(b);
+    ck_assert_msg(!t.ok(), "'%s' accepted", b);
+    ck_assert_msg(t.status().message().find("P, PO or N") != std::string_view::npos, "%s",
+                  t.status().ToString().c_str());
+  }
   ASSERT_STR_EQ(std::string(snap::StoreTypeName(snap::StoreType::kPersistent)), "P");
   ASSERT_STR_EQ(std::string(snap::StoreTypeName(snap::StoreType::kPersistentOverflow)), "PO");
   ASSERT_STR_EQ(std::string(snap::StoreTypeName(snap::StoreType::kTransient)), "N");
@@ -578,7 +587,7 @@ Suite* FormatSuite() {
   tc = tcase_create("parsing");
   tcase_add_test(tc, validate_chunk_sectors_rules);
   tcase_add_test(tc, parse_chunk_size_accepts_and_refuses);
-  tcase_add_test(tc, parse_store_type_dm_rules);
+  tcase_add_test(tc, parse_store_type_exact_names);
   tcase_add_test(tc, parse_byte_size);
   suite_add_tcase(s, tc);
   return s;

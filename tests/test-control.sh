@@ -78,6 +78,8 @@ rc=0; "$NBDSNAP" -c ctl take t2 t1.cow 2> err || rc=$?
 [ $rc -eq 1 ]; grep -q 'in use' err
 rc=0; "$NBDSNAP" -c ctl take 2> err || rc=$?
 [ $rc -eq 2 ]
+rc=0; "$NBDSNAP" -c ctl take t4 t4.cow --chunk-size 64k --store nope 2> err || rc=$?
+[ $rc -eq 1 ]; grep -q 'P, PO or N' err; [ ! -e t4.cow ]
 "$NBDSNAP" -c ctl take t3 t3.cow --chunk-size 64k --store N
 "$NBDSNAP" -c ctl list | tee list.txt
 grep -q "^t3 $tmp/t3.cow N 65536 " list.txt

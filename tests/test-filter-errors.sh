@@ -5,7 +5,8 @@
 #
 #  - parameters: snapshot-chunk-size 3k (lvm2 lvcreate-usage: -c 3k),
 #    256 (not whole sectors), 2G (dmtest too_large_chunk_size_fails),
-#    snapshot-store=X, snapshot-export=nosuch, snapshot-cow-size=lots,
+#    snapshot-store=X (and nope, no, nonpersistent, poo: dm's first-letter
+#    rule would take them), snapshot-export=nosuch, snapshot-cow-size=lots,
 #    snapshot-export of the snapshot being merged, a single-value key
 #    given twice with different values,
 #    one name twice, snapshot=origin=x.cow and a file named origin.cow
@@ -70,6 +71,11 @@ refused 'snapshot-chunk-size=3k' snapshot=a.cow snapshot-chunk-size=3k
 refused 'snapshot-chunk-size=256' snapshot=a.cow snapshot-chunk-size=256
 refused 'snapshot-chunk-size=2G' snapshot=a.cow snapshot-chunk-size=2G
 refused 'snapshot-store=X' snapshot=a.cow snapshot-store=X
+# Only P, PO or N: dm's first-letter rule would make these N (transient,
+# lost at restart) or PO.
+for t in nope no nonpersistent poo; do
+    refused "snapshot-store=$t: .*P, PO or N" snapshot=a.cow snapshot-store=$t
+done
 refused 'snapshot-export=nosuch' snapshot=a.cow snapshot-export=nosuch
 refused 'snapshot-export=a: that snapshot is merging' snapshot=a.cow \
         snapshot-export=a snapshot-merge=a

@@ -138,7 +138,8 @@ wait $locker
 for args in "" "a.cow b.cow" "--chunk-size 3k u.cow" "--chunk-size 0 u.cow" \
             "--chunk-size 2G u.cow" "--chunk-size 1000 u.cow" \
             "--chunk-size 4x u.cow" "--chunk-size u.cow" "--store X u.cow" \
-            "--store PX u.cow" "--nosuch u.cow"; do
+            "--store PX u.cow" "--store nope u.cow" "--store poo u.cow" \
+            "--nosuch u.cow"; do
     expect_rc 2 "$NBDSNAP" create $args
     [ "$(wc -l < err)" -eq 1 ]
     grep -q '^nbdsnap: .*(see nbdsnap create --help)$' err
