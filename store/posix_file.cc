@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cctype>
+#include <fstream>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -147,36 +148,52 @@ class PosixFile final : public BlockFile {
   const std::string& name() const override { return name_; }
 
  private:
-  // OFD locks do not record their owner; /proc/locks names the process of
-  // a holder that also took a classic lock, which ours never do, so look
-  // for any process with the file open instead.
+  // OFD locks record no owner (/proc/locks says pid -1), but a process's
+  // /proc/PID/fdinfo/FD lists the locks of the open file behind FD. The
+  // holder is the process with our file's write lock there; failing that
+  // (no access to it), the first process found with the file open.
   std::string HolderHint() const {
     struct stat st;
     if (::fstat(fd_, &st) != 0) return "";
-    std::string self = std::to_string(::getpid());
+    const std::string self = std::to_string(::getpid());
     DIR* proc = ::opendir("/proc");
     if (proc == nullptr) return "";
-    std::string found;
-    while (struct dirent* d = ::readdir(proc)) {
+    std::string holder, opener;
+    struct dirent* d;
+    while (holder.empty() && (d = ::readdir(proc)) != nullptr) {
       if (!std::isdigit(static_cast<unsigned char>(d->d_name[0])) ||
           self == d->d_name)
         continue;
-      std::string fddir = std::string("/proc/") + d->d_name + "/fd";
-      DIR* fds = ::opendir(fddir.c_str());
+      const std::string pid_dir = std::string("/proc/") + d->d_name;
+      DIR* fds = ::opendir((pid_dir + "/fd").c_str());
       if (fds == nullptr) continue;
       while (struct dirent* f = ::readdir(fds)) {
         struct stat fst;
-        if (::stat((fddir + "/" + f->d_name).c_str(), &fst) == 0 &&
-            fst.st_dev == st.st_dev && fst.st_ino == st.st_ino) {
-          found = d->d_name;
+        if (::stat((pid_dir + "/fd/" + f->d_name).c_str(), &fst) != 0 ||
+            fst.st_dev != st.st_dev || fst.st_ino != st.st_ino)
+          continue;
+        if (opener.empty()) opener = d->d_name;
+        if (HoldsWriteLock(pid_dir + "/fdinfo/" + f->d_name)) {
+          holder = d->d_name;
           break;
         }
       }
       ::closedir(fds);
-      if (!found.empty()) break;
     }
     ::closedir(proc);
-    return found.empty() ? "" : " (pid " + found + ")";
+    const std::string& pid = holder.empty() ? opener : holder;
+    return pid.empty() ? "" : " (pid " + pid + ")";
+  }
+
+  // An fdinfo file with a line such as
+  // "lock:\t1: OFDLCK ADVISORY  WRITE -1 fe:00:1234 0 EOF".
+  static bool HoldsWriteLock(const std::string& fdinfo) {
+    std::ifstream in(fdinfo);
+    for (std::string line; std::getline(in, line);)
+      if (line.starts_with("lock:") && line.find(" OFDLCK ") != std::string::npos &&
+          line.find(" WRITE ") != std::string::npos)
+        return true;
+    return false;
   }
 
   absl::Status Err(int err, const char* what, uint64_t offset) const {

@@ -2,8 +2,11 @@
 // stores: round trips, the kernel's on-disk layout, header rules, group
 // commit, error injection. Crash and merge tests are in crash_test.cc.
 #include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -334,6 +337,53 @@ START_TEST(real_file_is_locked_while_open) {
   a->reset();
   absl::StatusOr<std::unique_ptr<ExceptionStore>> d = snap::OpenStoreFile(path, Opts(8));
   ck_assert_msg(d.ok(), "reopen after close refused: %s", d.status().ToString().c_str());
+}
+END_TEST
+
+// The "in use" message names the process holding the lock, not the first
+// one found with the file open, which may be a reader (nbdsnap dump).
+START_TEST(real_file_lock_message_names_the_holder) {
+  TempDir dir;
+  const std::string path = dir.File("held.cow");
+  { ck_assert(snap::OpenPosixFile(path, snap::OpenMode::kReadWriteCreate).ok()); }
+  int ready[2];
+  ck_assert(pipe(ready) == 0);
+  // Forked before the lock is taken (by pids that sort first as often as
+  // not): a reader, then the holder.
+  std::vector<pid_t> kids;
+  for (int role = 0; role < 2; ++role) {
+    pid_t pid = fork();
+    ck_assert(pid >= 0);
+    if (pid == 0) {
+      if (role == 0) {
+        int fd = open(path.c_str(), O_RDONLY);
+        (void)fd;
+      } else {
+        absl::StatusOr<std::unique_ptr<snap::BlockFile>> f =
+            snap::OpenPosixFile(path, snap::OpenMode::kReadWrite);
+        if (!f.ok() || !(*f)->LockExclusive().ok()) _exit(1);
+        f->release();  // keep it open (and locked) until killed
+      }
+      (void)!write(ready[1], "x", 1);
+      pause();
+      _exit(0);
+    }
+    char c;
+    ck_assert(read(ready[0], &c, 1) == 1);
+    kids.push_back(pid);
+  }
+  absl::StatusOr<std::unique_ptr<snap::BlockFile>> f =
+      snap::OpenPosixFile(path, snap::OpenMode::kReadWrite);
+  ck_assert(f.ok());
+  absl::Status st = (*f)->LockExclusive();
+  for (pid_t k : kids) {
+    kill(k, SIGKILL);
+    waitpid(k, nullptr, 0);
+  }
+  ck_assert(!st.ok());
+  const std::string msg(st.message());
+  ck_assert_msg(msg.find(absl::StrFormat("pid %d)", kids[1])) != std::string::npos,
+                "reader %d, holder %d: %s", kids[0], kids[1], msg.c_str());
 }
 END_TEST
 
@@ -1838,6 +1888,7 @@ Suite* RoundTripSuite() {
   tcase_add_test(tc, roundtrip_chunk_sizes_on_fault_file);
   tcase_add_test(tc, roundtrip_chunk_sizes_on_real_files);
   tcase_add_test(tc, real_file_is_locked_while_open);
+  tcase_add_test(tc, real_file_lock_message_names_the_holder);
   tcase_add_test(tc, reopen_at_area_boundaries_then_append);
   tcase_add_test(tc, status_line_arithmetic);
   tcase_add_test(tc, lazy_commit_visible_at_once_durable_after_flush);
