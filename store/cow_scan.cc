@@ -17,8 +17,16 @@ absl::StatusOr<bool> LooksUnused(BlockFile& file) {
 
 absl::StatusOr<CowScan> ScanCow(
     BlockFile& file, const std::function<void(const ScannedRecord&)>& on_record,
-    const std::function<bool(uint64_t)>& seen_before) {
+    const std::function<bool(uint64_t)>& seen_before, const ScanOptions& options) {
   CowScan scan;
+  // Records one problem; true when the scan should stop.
+  auto problem = [&](std::string text) {
+    if (scan.problems.size() < options.max_problems)
+      scan.problems.push_back(std::move(text));
+    else
+      ++scan.more_problems;
+    return options.stop_at_first_problem;
+  };
   absl::StatusOr<uint64_t> size = file.Size();
   if (!size.ok()) return size.status();
   scan.file_size = *size;
@@ -30,7 +38,7 @@ absl::StatusOr<CowScan> ScanCow(
     if (*unused) {
       scan.is_new = true;
     } else {
-      scan.problems.push_back(absl::StrFormat(
+      (void)problem(absl::StrFormat(
           "%s: truncated in the header (%d bytes, a header needs %d)", name,
           scan.file_size, kHeaderBytes));
     }
@@ -45,27 +53,27 @@ absl::StatusOr<CowScan> ScanCow(
     return scan;
   }
   if (h.magic != kSnapMagic) {
-    scan.problems.push_back(absl::StrFormat(
+    (void)problem(absl::StrFormat(
         "%s: not a dm-snapshot COW file (magic 0x%08x, expected 0x%08x "
         "\"SnAp\")",
         name, h.magic, kSnapMagic));
     return scan;
   }
   if (h.version != kDiskVersion) {
-    scan.problems.push_back(absl::StrFormat(
+    (void)problem(absl::StrFormat(
         "%s: unsupported COW format version %d (only version 1 exists)", name,
         h.version));
     return scan;
   }
   if (absl::Status st = ValidateChunkSectors(h.chunk_sectors); !st.ok()) {
-    scan.problems.push_back(
+    (void)problem(
         absl::StrFormat("%s: bad header: %s", name, st.message()));
     return scan;
   }
   const Geometry geo(h.chunk_sectors);
   const uint64_t cb = geo.chunk_bytes();
   if (scan.file_size < cb) {
-    scan.problems.push_back(absl::StrFormat(
+    (void)problem(absl::StrFormat(
         "%s: truncated in the header chunk (%d bytes, chunk size is %d)", name,
         scan.file_size, cb));
     return scan;
@@ -79,7 +87,7 @@ absl::StatusOr<CowScan> ScanCow(
   for (uint64_t area = 0;; ++area) {
     const uint64_t chunk = geo.AreaChunk(area);
     if ((chunk + 1) * cb > scan.file_size) {
-      scan.problems.push_back(absl::StrFormat(
+      (void)problem(absl::StrFormat(
           "%s: truncated in metadata area %d (chunk %d ends at byte %d, the "
           "file has %d)",
           name, area, chunk, (chunk + 1) * cb, scan.file_size));
@@ -94,27 +102,30 @@ absl::StatusOr<CowScan> ScanCow(
       ++scan.exceptions;
       ScannedRecord sr{area, i, r, false};
       if (geo.IsMetadataChunk(r.new_chunk)) {
-        scan.problems.push_back(absl::StrFormat(
-            "%s: area %d record %d maps origin chunk %d to chunk %d, which "
-            "is %s",
-            name, area, i, r.old_chunk, r.new_chunk,
-            r.new_chunk == 1 || r.new_chunk == 0 ? "the header or area 0"
-                                                 : "a metadata area"));
+        if (problem(absl::StrFormat(
+                "%s: area %d record %d maps origin chunk %d to chunk %d, "
+                "which is %s",
+                name, area, i, r.old_chunk, r.new_chunk,
+                r.new_chunk == 1 || r.new_chunk == 0 ? "the header or area 0"
+                                                     : "a metadata area")))
+          return scan;
         continue;
       }
       if (r.new_chunk >= scan.file_size / cb) {
-        scan.problems.push_back(absl::StrFormat(
-            "%s: area %d record %d points at chunk %d, past the end of the "
-            "file (%d whole chunks): the file is truncated",
-            name, area, i, r.new_chunk, scan.file_size / cb));
+        if (problem(absl::StrFormat(
+                "%s: area %d record %d points at chunk %d, past the end of "
+                "the file (%d whole chunks): the file is truncated",
+                name, area, i, r.new_chunk, scan.file_size / cb)))
+          return scan;
         continue;
       }
       uint64_t slot = *geo.ChunkToSlot(r.new_chunk);
       if (slot >= UINT32_MAX) {
-        scan.problems.push_back(absl::StrFormat(
-            "%s: area %d record %d: COW chunk %d is beyond what this tool "
-            "supports (2^32 data chunks)",
-            name, area, i, r.new_chunk));
+        if (problem(absl::StrFormat(
+                "%s: area %d record %d: COW chunk %d is beyond what this "
+                "tool supports (2^32 data chunks)",
+                name, area, i, r.new_chunk)))
+          return scan;
         continue;
       }
       if (r.new_chunk <= prev_new) scan.allocation_ordered = false;

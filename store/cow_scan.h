@@ -3,6 +3,7 @@
 // and `nbdsnap check` (list them all).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -26,7 +27,10 @@ struct CowScan {
   DiskHeader header;
   bool is_new = false;  // magic 0: no store yet (the kernel makes a new one)
   // Problems make the file unusable as it is; open refuses on the first.
+  // At most ScanOptions::max_problems are kept; more_problems counts the
+  // rest.
   std::vector<std::string> problems;
+  uint64_t more_problems = 0;
   // Oddities the kernel accepts (duplicates, garbage after the list, holes).
   std::vector<std::string> warnings;
   uint64_t exceptions = 0;   // records read, duplicates included
@@ -39,6 +43,16 @@ struct CowScan {
   std::vector<char> current_area_buf;  // the last, partly filled area
 };
 
+// A damaged 100 GiB COW can hold millions of bad records: a scan keeps
+// the text of a few.
+inline constexpr size_t kMaxKeptProblems = 100;
+
+struct ScanOptions {
+  // Opening a store refuses on the first problem: no need to read on.
+  bool stop_at_first_problem = false;
+  size_t max_problems = kMaxKeptProblems;
+};
+
 // Reads the header and every area up to the first one that is not full,
 // calling on_record for each record. Fails only when the file cannot be
 // read at all; everything else lands in problems/warnings. seen_before
@@ -47,7 +61,8 @@ struct CowScan {
 absl::StatusOr<CowScan> ScanCow(
     BlockFile& file,
     const std::function<void(const ScannedRecord&)>& on_record = {},
-    const std::function<bool(uint64_t old_chunk)>& seen_before = {});
+    const std::function<bool(uint64_t old_chunk)>& seen_before = {},
+    const ScanOptions& options = {});
 
 // True if the first min(size, 4 KiB) bytes of the file are zero, which is
 // what LVM guarantees for a new COW volume.

@@ -242,16 +242,13 @@ absl::Status PersistentStore::Load(const StoreOptions& opts) {
           },
           [&](uint64_t old_chunk) ABSL_NO_THREAD_SAFETY_ANALYSIS {
             return table_.Lookup(old_chunk).has_value();
-          });
+          },
+          {.stop_at_first_problem = true});
   if (!scan.ok()) return scan.status();
   table_.FitToSize();
   if (!scan->problems.empty())
-    return absl::DataLossError(absl::StrCat(
-        scan->problems.front(),
-        scan->problems.size() > 1
-            ? absl::StrFormat(" (and %d more problems; run nbdsnap check)",
-                              scan->problems.size() - 1)
-            : std::string(" (run nbdsnap check for details)")));
+    return absl::DataLossError(absl::StrFormat(
+        "%s (run nbdsnap check for details)", scan->problems.front()));
   file_size_ = size_at_open_ = scan->file_size;
   if (scan->is_new) {
     if (read_only_)
@@ -315,7 +312,7 @@ void PersistentStore::FailLocked(std::string_view what, const absl::Status& st) 
   // so that a restart resumes the merge.
   if (!valid_) return;
   valid_ = false;
-  invalid_reason_ = absl::StrCat(reason, " (restart to resume the merge)");
+  invalid_reason_ = reason + " (restart to resume the merge)";
   cv_.SignalAll();
 }
 

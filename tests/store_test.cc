@@ -906,6 +906,31 @@ START_TEST(records_into_metadata_refused) {
 }
 END_TEST
 
+// A header and then garbage: every record is a problem. The scan keeps
+// the text of the first few and counts the rest (it kept one string per
+// record, so a damaged 100 GiB COW could need GBs), and opening a store
+// stops reading at the first.
+START_TEST(garbage_records_kept_few_and_open_stops_at_first) {
+  std::vector<char> img(4 << 20);
+  std::mt19937_64 rng(1);
+  for (char& c : img) c = static_cast<char>(rng());
+  std::vector<char> h = HeaderChunk(8);
+  std::copy(h.begin(), h.end(), img.begin());
+  FaultFile f(img, "garbage.cow");
+  absl::StatusOr<snap::CowScan> scan = snap::ScanCow(f);
+  ck_assert(scan.ok());
+  ck_assert_uint_eq(scan->problems.size(), snap::kMaxKeptProblems);
+  // Every record, and the area past the end of the file.
+  ck_assert_uint_eq(scan->problems.size() + scan->more_problems, scan->exceptions + 1);
+  ck_assert_uint_gt(scan->exceptions, 1000);
+  FaultFile g(img, "garbage.cow");
+  absl::Status st = OpenError(g.Handle(), Opts(8));
+  ASSERT_CONTAINS(std::string(st.message()), "nbdsnap check");
+  ck_assert_msg(g.counters().reads <= 3, "opening read %llu times",
+                static_cast<ull>(g.counters().reads));
+}
+END_TEST
+
 START_TEST(zero_new_chunk_ends_the_list) {
   const uint32_t cs = 1;
   // old 6 -> new 0 ends the list, whatever comes after it.
@@ -1914,6 +1939,7 @@ Suite* HeaderSuite() {
   tcase_add_test(tc, truncated_files_refused);
   tcase_add_test(tc, records_into_metadata_refused);
   tcase_add_test(tc, zero_new_chunk_ends_the_list);
+  tcase_add_test(tc, garbage_records_kept_few_and_open_stops_at_first);
   tcase_add_test(tc, duplicate_old_chunks_earliest_wins);
   tcase_add_test(tc, out_of_order_records_accepted_with_note);
   suite_add_tcase(s, tc);

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # nbdsnap check: clean stores pass with a summary; each kind of damage is
-# one line and exit 1; harmless oddities are warnings; usage errors exit 2.
+# one line and exit 1 (100 lines at most, the rest counted); harmless
+# oddities are warnings; usage errors exit 2.
 source "$srcdir/functions.sh"
 set -e
 set -x
@@ -72,6 +73,22 @@ check_fails trunc-area.cow 1 'truncated in metadata area 1'
 # Magic 0 but data behind it: not a store the filter will make.
 python3 -c 'open("junk.cow", "wb").write(bytes(100) + b"junk")'
 check_fails junk.cow 1 'not a store'
+
+# A header and then noise: every record is a problem; the first 100 are
+# printed and the rest counted.
+python3 -c '
+import random, struct
+img = bytearray(random.Random(3).randbytes(1 << 20))
+img[0:512] = struct.pack("<4I", 0x70416e53, 1, 1, 1) + bytes(496)
+open("noise.cow", "wb").write(img)'
+rc=0; "$NBDSNAP" check noise.cow > out || rc=$?
+head -n3 out; tail -n2 out
+[ $rc -eq 1 ]
+[ "$(grep -c '^noise.cow: area [0-9]* record ' out)" -eq 100 ]
+more=$(sed -n 's/^noise.cow: \.\.\. and \([0-9]*\) more problems$/\1/p' out)
+[ "$more" -gt 1000 ]
+[ "$(tail -n1 out)" = "noise.cow: damaged: $((100 + more)) problems" ]
+[ "$(wc -l < out)" -eq 102 ]
 
 # Harmless: records out of allocation order (old kernels), and data chunks
 # no record names (a copy that never committed). Warnings, exit 0.

@@ -386,28 +386,36 @@ int Check(int argc, char** argv) {
   if (!h.ok()) return Fail(Message(h.status()));
 
   // What the kernel does not check: two records for one origin chunk
-  // (flagged by the scan) and two records sharing one data chunk.
+  // (flagged by the scan) and two records sharing one data chunk. Like the
+  // scan's, only the first few are kept as text.
   std::vector<std::string> damage;
+  uint64_t more_damage = 0;
+  auto add_damage = [&](auto... args) {
+    if (damage.size() < kMaxKeptProblems)
+      damage.push_back(absl::StrFormat(args...));
+    else
+      ++more_damage;
+  };
   std::vector<bool> slot_used;
   uint64_t slots_named = 0;
   std::optional<Geometry> geo;
   if (ValidateChunkSectors(h->disk.chunk_sectors).ok()) geo.emplace(h->disk.chunk_sectors);
   absl::StatusOr<CowScan> scan = ScanCow(**file, [&](const ScannedRecord& r) {
     if (r.duplicate)
-      damage.push_back(absl::StrFormat(
+      add_damage(
           "%s: area %d record %d: origin chunk %d already has an exception in "
           "an earlier record (the kernel uses the earliest)",
-          path, r.area, r.index, r.record.old_chunk));
+          path, r.area, r.index, r.record.old_chunk);
     // The scan only hands over records whose chunk is a data chunk of a
     // header it accepted (the one read above, unless it just changed).
     if (!geo) return;
     const uint64_t slot = *geo->ChunkToSlot(r.record.new_chunk);
     if (slot >= slot_used.size()) slot_used.resize(std::max(slot + 1, 2 * slot_used.size()));
     if (slot_used[slot]) {
-      damage.push_back(absl::StrFormat(
+      add_damage(
           "%s: area %d record %d: COW chunk %d (origin chunk %d) is named by an "
           "earlier record too: two exceptions share a COW chunk",
-          path, r.area, r.index, r.record.new_chunk, r.record.old_chunk));
+          path, r.area, r.index, r.record.new_chunk, r.record.old_chunk);
     } else {
       slot_used[slot] = true;
       ++slots_named;
@@ -417,7 +425,13 @@ int Check(int argc, char** argv) {
   const CowScan& s = *scan;
 
   std::vector<std::string> lines = s.problems;
-  lines.insert(lines.end(), damage.begin(), damage.end());
+  uint64_t more = s.more_problems + more_damage;
+  for (std::string& d : damage) {
+    if (lines.size() < kMaxKeptProblems)
+      lines.push_back(std::move(d));
+    else
+      ++more;
+  }
   if (s.tail_garbage)
     lines.push_back(absl::StrFormat(
         "%s: area %d has non-zero bytes after its last record (%d): the "
@@ -433,6 +447,10 @@ int Check(int argc, char** argv) {
           path));
   }
   for (const std::string& l : lines) std::printf("%s\n", l.c_str());
+  if (more > 0)
+    std::printf("%s: ... and %llu more problems\n", path.c_str(),
+                static_cast<unsigned long long>(more));
+  const uint64_t problems = lines.size() + more;
 
   // Harmless oddities. The scan's own warnings about duplicates and bytes
   // after the list are damage here, already printed above.
@@ -440,15 +458,15 @@ int Check(int argc, char** argv) {
     if (!(s.duplicates > 0 && w.find("repeat an origin chunk") != std::string::npos) &&
         !(s.tail_garbage && w.find("non-zero bytes after") != std::string::npos))
       std::printf("warning: %s\n", w.c_str());
-  if (lines.empty() && s.max_slot_plus_one > slots_named)
+  if (problems == 0 && s.max_slot_plus_one > slots_named)
     std::printf("warning: %s: %llu data chunks below the last one in use are not "
                 "named by any record (space lost to copies that never committed; "
                 "harmless)\n",
                 path.c_str(), static_cast<unsigned long long>(s.max_slot_plus_one - slots_named));
 
-  if (!lines.empty()) {
-    std::printf("%s: damaged: %zu problem%s\n", path.c_str(), lines.size(),
-                lines.size() == 1 ? "" : "s");
+  if (problems > 0) {
+    std::printf("%s: damaged: %llu problem%s\n", path.c_str(),
+                static_cast<unsigned long long>(problems), problems == 1 ? "" : "s");
     return kFail;
   }
   if (s.is_new)
