@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -36,6 +37,10 @@ class BlockFile {
   // process owns the file; the error says who holds it when it can.
   virtual absl::Status LockExclusive() { return absl::OkStatus(); }
   virtual const std::string& name() const = 0;
+  virtual bool is_block_device() const { return false; }
+  // The offset of the first byte before `end` that is not zero, or nullopt.
+  // This one reads every byte; a POSIX file skips its holes.
+  virtual absl::StatusOr<std::optional<uint64_t>> FirstNonZeroByte(uint64_t end);
 };
 
 enum class OpenMode { kReadOnly, kReadWrite, kReadWriteCreate };

@@ -7,12 +7,11 @@
 
 namespace snap {
 
-absl::StatusOr<bool> LooksUnused(BlockFile& file) {
+absl::StatusOr<std::optional<uint64_t>> FirstUsedByte(BlockFile& file) {
   absl::StatusOr<uint64_t> size = file.Size();
   if (!size.ok()) return size.status();
-  std::vector<char> buf(std::min<uint64_t>(*size, 4096));
-  if (absl::Status st = file.PRead(buf, 0); !st.ok()) return st;
-  return std::all_of(buf.begin(), buf.end(), [](char c) { return c == 0; });
+  return file.FirstNonZeroByte(file.is_block_device() ? std::min<uint64_t>(*size, 4096)
+                                                      : *size);
 }
 
 absl::StatusOr<CowScan> ScanCow(
@@ -33,9 +32,9 @@ absl::StatusOr<CowScan> ScanCow(
   const std::string& name = file.name();
 
   if (scan.file_size < kHeaderBytes) {
-    absl::StatusOr<bool> unused = LooksUnused(file);
-    if (!unused.ok()) return unused.status();
-    if (*unused) {
+    absl::StatusOr<std::optional<uint64_t>> used = FirstUsedByte(file);
+    if (!used.ok()) return used.status();
+    if (!used->has_value()) {
       scan.is_new = true;
     } else {
       (void)problem(absl::StrFormat(

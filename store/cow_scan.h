@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -64,8 +65,10 @@ absl::StatusOr<CowScan> ScanCow(
     const std::function<bool(uint64_t old_chunk)>& seen_before = {},
     const ScanOptions& options = {});
 
-// True if the first min(size, 4 KiB) bytes of the file are zero, which is
-// what LVM guarantees for a new COW volume.
-absl::StatusOr<bool> LooksUnused(BlockFile& file);
+// Where a file that holds no store shows it holds data, or nullopt: then
+// a new store may be made in it. A regular file must be all zero, since a
+// new store writes two whole chunks (up to 2 GiB); a block device only in
+// its first 4 KiB, which is all LVM zeroes of a new COW volume.
+absl::StatusOr<std::optional<uint64_t>> FirstUsedByte(BlockFile& file);
 
 }  // namespace snap

@@ -716,13 +716,14 @@ absl::StatusOr<std::unique_ptr<ExceptionStore>> OpenPersistentStore(
       if (h.magic == kSnapMagic && ValidateChunkSectors(h.chunk_sectors).ok())
         cs = h.chunk_sectors;
       if (h.magic == 0 && !opts.read_only) {
-        absl::StatusOr<bool> unused = LooksUnused(*file);
-        if (!unused.ok()) return unused.status();
-        if (!*unused)
+        absl::StatusOr<std::optional<uint64_t>> used = FirstUsedByte(*file);
+        if (!used.ok()) return used.status();
+        if (used->has_value())
           return absl::FailedPreconditionError(absl::StrFormat(
-              "%s is not a snapshot store (no SnAp magic) and its first 4 KiB "
-              "are not zero: refusing to overwrite it; use a new or empty file",
-              file->name()));
+              "%s is not a snapshot store (no SnAp magic) and holds data "
+              "(byte %d is not zero): refusing to overwrite it; use a new or "
+              "empty file",
+              file->name(), **used));
       }
     }
   }

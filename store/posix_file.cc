@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <fstream>
 #include <mutex>
@@ -20,8 +21,9 @@ namespace {
 
 class PosixFile final : public BlockFile {
  public:
-  PosixFile(int fd, std::string name, bool serialize_writes)
-      : fd_(fd), name_(std::move(name)), serialize_writes_(serialize_writes) {}
+  PosixFile(int fd, std::string name, bool regular, bool block_device)
+      : fd_(fd), name_(std::move(name)), serialize_writes_(regular),
+        block_device_(block_device) {}
   ~PosixFile() override { ::close(fd_); }
   PosixFile(const PosixFile&) = delete;
   PosixFile& operator=(const PosixFile&) = delete;
@@ -146,6 +148,37 @@ class PosixFile final : public BlockFile {
   }
 
   const std::string& name() const override { return name_; }
+  bool is_block_device() const override { return block_device_; }
+
+  absl::StatusOr<std::optional<uint64_t>> FirstNonZeroByte(uint64_t end) override {
+    std::vector<char> buf(std::min<uint64_t>(end, 1 << 20));
+    uint64_t pos = 0;
+    while (pos < end) {
+      // Holes read as zeros: only the data between them is read.
+      off_t data = ::lseek(fd_, static_cast<off_t>(pos), SEEK_DATA);
+      if (data < 0) {
+        if (errno == ENXIO) break;  // nothing but a hole up to the end
+        if (errno != EINVAL && errno != EOPNOTSUPP) return Err(errno, "seek", pos);
+        data = static_cast<off_t>(pos);  // no SEEK_DATA here: read it all
+      }
+      if (static_cast<uint64_t>(data) >= end) break;
+      const off_t hole = ::lseek(fd_, data, SEEK_HOLE);
+      uint64_t stop = hole < 0 ? end : std::min<uint64_t>(end, static_cast<uint64_t>(hole));
+      if (stop <= static_cast<uint64_t>(data)) stop = end;  // always move on
+      for (uint64_t off = static_cast<uint64_t>(data); off < stop;) {
+        const std::span<char> piece(buf.data(), std::min<uint64_t>(buf.size(), stop - off));
+        if (absl::Status st = PRead(piece, off); !st.ok()) {
+          if (absl::IsOutOfRange(st)) return std::nullopt;  // it shrank under us
+          return st;
+        }
+        auto it = std::find_if(piece.begin(), piece.end(), [](char c) { return c != 0; });
+        if (it != piece.end()) return off + static_cast<uint64_t>(it - piece.begin());
+        off += piece.size();
+      }
+      pos = stop;
+    }
+    return std::nullopt;
+  }
 
  private:
   // OFD locks record no owner (/proc/locks says pid -1), but a process's
@@ -204,6 +237,7 @@ class PosixFile final : public BlockFile {
   int fd_;
   std::string name_;
   const bool serialize_writes_;
+  const bool block_device_;
   std::mutex write_mu_;
 };
 
@@ -221,8 +255,9 @@ absl::StatusOr<std::unique_ptr<BlockFile>> OpenPosixFile(const std::string& path
   if (fd < 0)
     return absl::ErrnoToStatus(errno, absl::StrFormat("cannot open %s", path));
   struct stat st;
-  bool regular = ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
-  return std::unique_ptr<BlockFile>(new PosixFile(fd, path, regular));
+  const bool known = ::fstat(fd, &st) == 0;
+  return std::unique_ptr<BlockFile>(new PosixFile(
+      fd, path, known && S_ISREG(st.st_mode), known && S_ISBLK(st.st_mode)));
 }
 
 }  // namespace snap

@@ -1,11 +1,13 @@
 // The transient store ("N", dm-snap-transient.c): no header, no metadata,
 // data chunks from chunk 0, the table only in memory. Nothing survives a
 // restart, so nothing needs to be durable.
+#include <algorithm>
 #include <vector>
 
 #include "absl/strings/str_format.h"
 #include "store/sync.h"
 #include "store/cow_format.h"
+#include "store/cow_scan.h"
 #include "store/exception_store.h"
 #include "store/exception_table.h"
 #include "store/store_status.h"
@@ -20,6 +22,16 @@ class TransientStore final : public ExceptionStore {
         chunk_sectors_(opts.chunk_sectors != 0 ? opts.chunk_sectors
                                                : kDefaultChunkSectors),
         size_cap_(opts.size_cap) {}
+
+  ~TransientStore() override {
+    // Nothing in the file means anything once the store is gone: zero what
+    // was used, so that the next start finds the file unused and takes it
+    // again. Best effort; after a crash the file is refused until emptied.
+    snap::MutexLock l(&mu_);
+    uint64_t used = next_chunk_ * chunk_bytes();
+    if (file_->is_block_device()) used = std::min<uint64_t>(used, 4096);
+    if (used != 0) (void)file_->ZeroRange(0, used);
+  }
 
   StoreType type() const override { return StoreType::kTransient; }
   uint32_t chunk_sectors() const override { return chunk_sectors_; }
@@ -156,18 +168,23 @@ absl::StatusOr<std::unique_ptr<ExceptionStore>> OpenTransientStore(
     return absl::FailedPreconditionError(
         "a transient (N) store holds nothing to read offline");
   if (absl::Status st = file->LockExclusive(); !st.ok()) return st;
-  // Refuse to reuse a file that holds a persistent store: that would lose it.
-  absl::StatusOr<uint64_t> size = file->Size();
-  if (!size.ok()) return size.status();
-  if (*size >= kHeaderBytes) {
+  // Data chunks start at chunk 0: refuse a file holding anything, as the
+  // persistent store does, and say so specially for a persistent store.
+  absl::StatusOr<std::optional<uint64_t>> used = FirstUsedByte(*file);
+  if (!used.ok()) return used.status();
+  if (used->has_value()) {
     char hdr[kHeaderBytes];
-    if (absl::Status st = file->PRead(hdr, 0); !st.ok()) return st;
-    if (DiskHeader::Decode(hdr).magic == kSnapMagic)
+    if (**used < kHeaderBytes && file->PRead(hdr, 0).ok() &&
+        DiskHeader::Decode(hdr).magic == kSnapMagic)
       return absl::FailedPreconditionError(absl::StrFormat(
           "%s holds a persistent snapshot store (SnAp header): refusing to "
           "use it as a transient (N) store; use another file or "
           "snapshot-store=P",
           file->name()));
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s holds data (byte %d is not zero): refusing to overwrite it with "
+        "a transient (N) store; use a new or empty file",
+        file->name(), **used));
   }
   return std::unique_ptr<ExceptionStore>(new TransientStore(std::move(file), opts));
 }

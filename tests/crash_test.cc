@@ -107,8 +107,9 @@ std::vector<uint64_t> OriginChunks(size_t n, uint64_t seed) {
 // ------------------------------------------- power loss at every sync
 
 // The disks the sequences run on: an empty file the store grows, and a
-// pre-sized one whose bytes after the first 4 KiB are old garbage (an LV
-// that LVM wiped the start of), where every area must be zeroed on disk.
+// pre-sized block device whose bytes after the first 4 KiB are old garbage
+// (an LV that LVM wiped the start of), where every area must be zeroed on
+// disk.
 std::vector<char> InitialImage(int kind) {
   if (kind == 0) return {};
   std::vector<char> img(128 * 1024);
@@ -117,7 +118,13 @@ std::vector<char> InitialImage(int kind) {
   std::fill(img.begin(), img.begin() + 4096, 0);
   return img;
 }
-const char* const kImageName[] = {"empty file", "pre-sized garbage file"};
+const char* const kImageName[] = {"empty file", "pre-sized garbage device"};
+
+std::unique_ptr<FaultFile> InitialDisk(int kind) {
+  auto disk = std::make_unique<FaultFile>(InitialImage(kind), "fault.cow");
+  disk->set_block_device(kind == 1);
+  return disk;
+}
 
 struct Step {
   uint64_t old_chunk;
@@ -224,7 +231,8 @@ std::string CheckAfterCrash(FaultFile& img, const std::vector<Step>& seq, const 
 }
 
 uint64_t CountSyncs(const std::vector<Step>& seq, int kind) {
-  FaultFile disk(InitialImage(kind), "fault.cow");
+  std::unique_ptr<FaultFile> dp = InitialDisk(kind);
+  FaultFile& disk = *dp;
   Outcome o = RunSequence(disk, seq);
   ck_assert(o.opened);
   ck_assert_uint_eq(o.committed, seq.size());
@@ -240,7 +248,8 @@ START_TEST(power_loss_at_every_sync_point) {
     std::fflush(stdout);
     ck_assert_uint_gt(syncs, 10);
     for (uint64_t k = 0; k <= syncs; ++k) {
-      FaultFile disk(InitialImage(kind), "fault.cow");
+      std::unique_ptr<FaultFile> dp = InitialDisk(kind);
+      FaultFile& disk = *dp;
       disk.CrashAt(k);
       Outcome o = RunSequence(disk, seq);
       if (k < syncs)
@@ -263,7 +272,8 @@ START_TEST(torn_power_loss_at_every_sync_point) {
     const uint64_t syncs = CountSyncs(seq, kind);
     for (uint64_t k = 0; k <= syncs; ++k) {
       for (uint64_t seed = 0; seed < 6; ++seed) {
-        FaultFile disk(InitialImage(kind), "fault.cow");
+        std::unique_ptr<FaultFile> dp = InitialDisk(kind);
+        FaultFile& disk = *dp;
         disk.CrashAt(k);
         Outcome o = RunSequence(disk, seq);
         const size_t unsynced = disk.unsynced_ops();
@@ -315,7 +325,8 @@ START_TEST(io_error_at_every_write_and_sync) {
   for (int kind = 0; kind < 2; ++kind) {
     uint64_t writes, syncs;
     {
-      FaultFile disk(InitialImage(kind), "fault.cow");
+      std::unique_ptr<FaultFile> dp = InitialDisk(kind);
+      FaultFile& disk = *dp;
       RunSequence(disk, seq);
       writes = disk.counters().writes;
       syncs = disk.counters().syncs;
@@ -325,7 +336,8 @@ START_TEST(io_error_at_every_write_and_sync) {
     for (int pass = 0; pass < 4; ++pass) {
       const uint64_t limit = pass >= 2 ? syncs : writes;
       for (uint64_t k = 0; k < limit; ++k) {
-        FaultFile disk(InitialImage(kind), "fault.cow");
+        std::unique_ptr<FaultFile> dp = InitialDisk(kind);
+        FaultFile& disk = *dp;
         snaptest::Fault f;
         f.op = pass >= 2 ? Op::kSync : Op::kWrite;
         f.kind = pass == 1 ? snaptest::FaultKind::kShortWrite : snaptest::FaultKind::kEIO;

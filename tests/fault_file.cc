@@ -28,6 +28,7 @@ struct Disk {
   Counters n;
   std::vector<Event> events;
   bool frozen = false;
+  bool block_device = false;
   std::optional<uint64_t> crash_at;
   std::chrono::microseconds sync_delay{0};
   std::function<void(uint64_t)> sync_hook;
@@ -291,6 +292,16 @@ void FaultFile::set_sync_hook(std::function<void(uint64_t)> hook) {
   disk_->sync_hook = std::move(hook);
 }
 
+bool FaultFile::is_block_device() const {
+  std::lock_guard<std::mutex> l(disk_->mu);
+  return disk_->block_device;
+}
+
+void FaultFile::set_block_device(bool b) {
+  std::lock_guard<std::mutex> l(disk_->mu);
+  disk_->block_device = b;
+}
+
 void FaultFile::set_sync_delay(std::chrono::microseconds d) {
   std::lock_guard<std::mutex> l(disk_->mu);
   disk_->sync_delay = d;
@@ -307,11 +318,15 @@ std::unique_ptr<FaultFile> FaultFile::PowerLossWith(
       if (keep(u.ev, i)) Apply(img, u.ev, u.data);
     }
   }
-  return std::make_unique<FaultFile>(std::move(img), name_);
+  auto f = std::make_unique<FaultFile>(std::move(img), name_);
+  f->set_block_device(is_block_device());
+  return f;
 }
 
 std::unique_ptr<FaultFile> FaultFile::Clone() const {
-  return std::make_unique<FaultFile>(Contents(), name_);
+  auto f = std::make_unique<FaultFile>(Contents(), name_);
+  f->set_block_device(is_block_device());
+  return f;
 }
 
 std::unique_ptr<FaultFile> FaultFile::PowerLoss() const {

@@ -82,6 +82,7 @@ class FaultFile final : public snap::BlockFile {
   absl::Status GrowTo(uint64_t size) override;
   absl::Status ZeroRange(uint64_t offset, uint64_t length) override;
   const std::string& name() const override { return name_; }
+  bool is_block_device() const override;
 
   void AddFault(const Fault& f);
   void ClearFaults();
@@ -91,6 +92,9 @@ class FaultFile final : public snap::BlockFile {
   void CrashAt(uint64_t sync_index);
   void Freeze();
   bool frozen() const;
+  // Says it is a block device (which a new store may use when its first
+  // 4 KiB are zero, as LVM leaves a new COW volume).
+  void set_block_device(bool b);
   // Sleeps this long in every Sync (outside the disk's lock), like a disk.
   void set_sync_delay(std::chrono::microseconds d);
   // Runs at the start of every Sync, outside the disk's lock, with the
@@ -98,8 +102,9 @@ class FaultFile final : public snap::BlockFile {
   // A sync makes durable only what was written before it began.
   void set_sync_hook(std::function<void(uint64_t)> hook);
 
-  // A new disk (no faults, fresh counters) holding the current image, all of
-  // it durable: the file as it is now, without sharing it.
+  // A new disk (no faults, fresh counters, the same kind) holding the
+  // current image, all of it durable: the file as it is now, without
+  // sharing it.
   std::unique_ptr<FaultFile> Clone() const;
   // A new disk (with no faults and fresh counters) holding only what was
   // durable: every unsynced write, grow and zero is lost.

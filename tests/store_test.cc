@@ -583,6 +583,7 @@ START_TEST(full_area_commit_syncs_zeroed_next_area_first) {
   const uint64_t cb = g.chunk_bytes();
   const uint64_t epa = g.exceptions_per_area();
   FaultFile disk(GarbageAfter4k(64 * 1024, 1), "garbage.cow");
+  disk.set_block_device(true);  // an LV: LVM wiped only its first 4 KiB
   {
     std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle(), Opts(cs));
     for (uint64_t i = 0; i < epa; ++i) Add(*s, 100 + 3 * i, i, 64, true);
@@ -617,6 +618,7 @@ START_TEST(power_loss_keeping_full_area_but_not_zeroed_next_area) {
   const uint64_t cb = g.chunk_bytes();
   const uint64_t epa = g.exceptions_per_area();
   FaultFile disk(GarbageAfter4k(64 * 1024, 1), "garbage.cow");
+  disk.set_block_device(true);  // an LV: LVM wiped only its first 4 KiB
   std::vector<Written> w;
   std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle(), Opts(cs));
   for (uint64_t i = 0; i + 1 < epa; ++i) w.push_back(Add(*s, 100 + 3 * i, i, 64, true));
@@ -656,14 +658,16 @@ START_TEST(magic_zero_file_becomes_new_store) {
     ck_assert(std::equal(h.begin(), h.end(), d.begin()));
     ck_assert(AllZero(d, 4096, 4096));
   }
-  // Zero first 4 KiB (what LVM wipes), garbage after: area 0 (chunk 1 =
-  // bytes 4096..8191 at cs 8) is zeroed, the rest is left alone.
+  // A block device with its first 4 KiB zero (what LVM wipes), garbage
+  // after: area 0 (chunk 1 = bytes 4096..8191 at cs 8) is zeroed, the rest
+  // is left alone.
   {
     std::vector<char> img(64 * 1024);
     std::mt19937_64 rng(2);
     for (char& c : img) c = static_cast<char>(rng() | 1);
     std::fill(img.begin(), img.begin() + 4096, 0);
     FaultFile disk(img, "lvm.cow");
+    disk.set_block_device(true);
     std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle(), Opts(8));
     ck_assert(s->valid());
     ck_assert_uint_eq(s->exception_count(), 0);
@@ -695,6 +699,76 @@ START_TEST(magic_zero_file_becomes_new_store) {
     absl::Status st = OpenError(disk.Handle(), ro);
     ASSERT_CONTAINS(std::string(st.message()), "no snapshot store");
     ck_assert_uint_eq(disk.counters().writes, 0);
+  }
+}
+END_TEST
+
+// A new store writes its first two chunks (128 KiB by default), so a
+// regular file must be all zero to become one: only its first 4 KiB being
+// zero (a btrfs image has its superblock at 64 KiB) is not enough, for a
+// persistent store or a transient one, which writes data from byte 0. A
+// block device needs only its first 4 KiB zero, as LVM leaves it.
+START_TEST(new_store_needs_all_zero_file) {
+  std::vector<char> img(1 << 20, 0);
+  std::memcpy(&img[65536 + 0x40], "_BHRfS_M", 8);
+  for (StoreType type : {StoreType::kPersistent, StoreType::kTransient}) {
+    FaultFile disk(img, "btrfs.img");
+    absl::Status st = OpenError(disk.Handle(), Opts(type == StoreType::kTransient ? 8 : 0, type));
+    ASSERT_CONTAINS(std::string(st.message()), "byte 65600 is not zero");
+    ASSERT_CONTAINS(std::string(st.message()), "btrfs.img");
+    ck_assert(disk.Contents() == img);
+    ck_assert_uint_eq(disk.counters().writes, 0);
+    FaultFile dev(img, "lv");
+    dev.set_block_device(true);
+    ck_assert(snap::OpenStore(dev.Handle(), Opts(8, type)).ok());
+  }
+  // All zero, however big and wherever it ends: new.
+  for (size_t size : {size_t{20}, size_t{4096}, size_t{3 << 20}}) {
+    FaultFile disk(std::vector<char>(size, 0), "zero.cow");
+    ck_assert(snap::OpenStore(disk.Handle(), Opts(8)).ok());
+  }
+  // The last byte set.
+  std::vector<char> last(3 << 20, 0);
+  last.back() = 1;
+  FaultFile disk(last, "last.cow");
+  ASSERT_CONTAINS(std::string(OpenError(disk.Handle(), Opts(8)).message()),
+                  absl::StrFormat("byte %d is not zero", last.size() - 1).c_str());
+}
+END_TEST
+
+// FirstNonZeroByte of a POSIX file skips holes and finds data anywhere;
+// the BlockFile default reads every byte and agrees.
+START_TEST(first_non_zero_byte_of_sparse_files) {
+  TempDir dir;
+  const std::string path = dir.File("sparse.img");
+  struct Case {
+    uint64_t size;
+    std::optional<uint64_t> at;
+  } cases[] = {{0, std::nullopt},       {8 << 20, std::nullopt},  {8 << 20, 0},
+               {8 << 20, (5 << 20) + 3}, {8 << 20, (8 << 20) - 1}, {100, 99}};
+  for (const Case& c : cases) {
+    std::filesystem::remove(path);
+    {
+      absl::StatusOr<std::unique_ptr<snap::BlockFile>> f =
+          snap::OpenPosixFile(path, snap::OpenMode::kReadWriteCreate);
+      ck_assert(f.ok());
+      ASSERT_OK((*f)->GrowTo(c.size));
+      // Zeros written as data too, so that not everything is a hole.
+      ASSERT_OK((*f)->PWrite(std::vector<char>(std::min<uint64_t>(c.size, 70000), 0), 0));
+      if (c.at) ASSERT_OK((*f)->PWrite(std::vector<char>(1, 'x'), *c.at));
+    }
+    absl::StatusOr<std::unique_ptr<snap::BlockFile>> f =
+        snap::OpenPosixFile(path, snap::OpenMode::kReadOnly);
+    ck_assert(f.ok());
+    absl::StatusOr<std::optional<uint64_t>> got = (*f)->FirstNonZeroByte(c.size);
+    ASSERT_OK(got.status());
+    ck_assert_msg(*got == c.at, "size %llu: got %lld, want %lld", static_cast<ull>(c.size),
+                  got->has_value() ? static_cast<long long>(**got) : -1LL,
+                  c.at ? static_cast<long long>(*c.at) : -1LL);
+    FaultFile copy(std::vector<char>(c.size, 0), "copy");
+    if (c.at) copy.Poke(*c.at, std::vector<char>(1, 'x'));
+    got = copy.FirstNonZeroByte(c.size);
+    ck_assert(got.ok() && *got == c.at);
   }
 }
 END_TEST
@@ -1686,13 +1760,32 @@ START_TEST(transient_refuses_persistent_file_and_bad_options) {
   StoreOptions ro = Opts(8, StoreType::kTransient);
   ro.read_only = true;
   (void)OpenError(d2.Handle(), ro);
-  // Garbage that is not a SnAp header is fine: the store is scratch.
+  // Any other data is refused too: the store would overwrite it.
   std::vector<char> junk(8192, 'j');
   FaultFile d3(junk, "junk.cow");
-  std::unique_ptr<ExceptionStore> s = MustOpen(d3.Handle(), Opts(8, StoreType::kTransient));
-  Written a = Add(*s, 3, 3, 4096, false);
-  ck_assert_uint_eq(a.cow_chunk, 0);
-  Verify(*s, {a}, 4096);
+  st = OpenError(d3.Handle(), Opts(8, StoreType::kTransient));
+  ASSERT_CONTAINS(std::string(st.message()), "byte 0 is not zero");
+  ck_assert(d3.Contents() == junk);
+}
+END_TEST
+
+// Nothing in a transient store's file means anything once it is closed:
+// what it used is zeroed, so the next start takes the file again.
+START_TEST(transient_zeroes_its_file_when_closed) {
+  for (bool device : {false, true}) {
+    FaultFile disk;
+    disk.set_block_device(device);
+    std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle(), Opts(8, StoreType::kTransient));
+    Written a = Add(*s, 3, 3, 4096, false);
+    Add(*s, 4, 4, 4096, false);
+    ck_assert_uint_eq(a.cow_chunk, 0);
+    Verify(*s, {a, {4, 1, 4}}, 4096);
+    s.reset();
+    std::vector<char> after = disk.Contents();
+    ck_assert(AllZero(after, 0, device ? 4096 : after.size()));
+    s = MustOpen(disk.Handle(), Opts(8, StoreType::kTransient));
+    ck_assert_uint_eq(s->exception_count(), 0);
+  }
 }
 END_TEST
 
@@ -1930,6 +2023,8 @@ Suite* HeaderSuite() {
   Suite* s = suite_create("persistent_header_rules");
   TCase* tc = tcase_create("header");
   tcase_add_test(tc, magic_zero_file_becomes_new_store);
+  tcase_add_test(tc, new_store_needs_all_zero_file);
+  tcase_add_test(tc, first_non_zero_byte_of_sparse_files);
   tcase_add_test(tc, header_chunk_size_overrides_requested);
   tcase_add_test(tc, bad_headers_refused_unchanged);
   tcase_add_test(tc, valid_zero_opens_invalid);
@@ -1985,6 +2080,7 @@ Suite* TransientSuite() {
   tcase_add_test(tc, transient_basics);
   tcase_add_test(tc, transient_full_invalidates);
   tcase_add_test(tc, transient_refuses_persistent_file_and_bad_options);
+  tcase_add_test(tc, transient_zeroes_its_file_when_closed);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -19,8 +19,10 @@
 #    COW below its used space is refused);
 #  - COW files: bad magic with non-zero data, version 2, a chunk size that
 #    is not a power of two, truncated in the header, in metadata area 0 and
-#    in the data; sha256 before and after;
-#  - all-zero and empty files are new stores (accepted);
+#    in the data, zero but for data at byte 8192 (also for
+#    snapshot-store=N); sha256 before and after;
+#  - all-zero and empty files are new stores (accepted); a transient
+#    store's file is zeroed at exit and accepted again;
 #  - an unknown export name is refused, and nbdkit's log lists the exports;
 #  - a COW file in use by another running nbdkit is refused ("in use").
 
@@ -106,11 +108,13 @@ refused "link.cow is given twice" snapshot=a=a.cow snapshot=b=link.cow
 rm -f link.cow a.cow
 
 # ------------------------------------------------------------ COW files
-# refused_file PATTERN FILE: FILE is refused and left unchanged.
+# refused_file PATTERN FILE [ARGS...]: FILE is refused and left unchanged.
 refused_file ()
 {
-    sha256sum "$2" > file.sum
-    refused "$1" snapshot=f=$tmp/$2
+    local pattern=$1 file=$2
+    shift 2
+    sha256sum "$file" > file.sum
+    refused "$pattern" snapshot=f=$tmp/$file "$@"
     sha256sum -c file.sum
 }
 
@@ -122,6 +126,14 @@ refused_file 'bad.cow' bad.cow
 python3 -c 'import random, sys
 sys.stdout.buffer.write(bytes(16) + random.Random(2).randbytes(8192))' > bad2.cow
 refused_file 'bad2.cow' bad2.cow
+
+# Zero but for data at byte 8192: a new store writes two whole chunks, so
+# a regular file must be all zero; a transient store writes from byte 0.
+python3 -c 'import sys
+sys.stdout.buffer.write(bytes(8192) + b"data" + bytes((2 << 20) - 8196))' > late.cow
+refused_file 'late.cow.*byte 8192 is not zero' late.cow
+refused_file 'late.cow.*byte 8192 is not zero' late.cow snapshot-store=N \
+    snapshot-chunk-size=4k
 
 # Version 2, and a chunk size that is not a power of two.
 python3 -c 'import struct, sys
@@ -155,6 +167,15 @@ assert struct.unpack("<4I", open("zero.cow", "rb").read(16)) == (0x70416e53, 1, 
 accepted snapshot=empty=$tmp/empty.cow
 python3 -c 'import struct, sys
 assert struct.unpack("<4I", open("empty.cow", "rb").read(16)) == (0x70416e53, 1, 1, 128)'  # the default chunk, 64 KiB
+
+# A transient store's file is zeroed when nbdkit stops, so the next start
+# takes it again.
+rm -f n.cow
+nbdkit -U - --filter="$FILTER" file origin.img snapshot=n=$tmp/n.cow \
+    snapshot-store=N snapshot-chunk-size=4k \
+    --run 'nbdsh -u "nbd+unix:///n?socket=$unixsocket" -c "h.pwrite(b\"n\" * 8192, 0)"'
+python3 -c 'assert not any(open("n.cow", "rb").read())'
+accepted snapshot=n=$tmp/n.cow snapshot-store=N snapshot-chunk-size=4k
 
 # ------------------------------------------------------------ exports
 # An unknown export: the client is refused, nbdkit's log lists the exports.

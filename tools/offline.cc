@@ -1,7 +1,6 @@
 // nbdsnap create, info, check, dump.
 #include "tools/offline.h"
 
-#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -77,9 +76,9 @@ absl::StatusOr<Header> ReadHeader(BlockFile& file) {
   h.file_size = *size;
   if (h.file_size < kHeaderBytes) {
     // ScanCow and the store report a short file that is not zero.
-    absl::StatusOr<bool> unused = LooksUnused(file);
-    if (!unused.ok()) return unused.status();
-    h.is_new = *unused;
+    absl::StatusOr<std::optional<uint64_t>> used = FirstUsedByte(file);
+    if (!used.ok()) return used.status();
+    h.is_new = !used->has_value();
     return h;
   }
   char buf[kHeaderBytes];
@@ -87,42 +86,6 @@ absl::StatusOr<Header> ReadHeader(BlockFile& file) {
   h.disk = DiskHeader::Decode(buf);
   h.is_new = h.disk.magic == 0;
   return h;
-}
-
-// The offset of the first byte of the file that is not zero, or nullopt.
-// Holes are skipped (SEEK_DATA), so a big sparse file is quick.
-absl::StatusOr<std::optional<uint64_t>> FirstNonZeroByte(const std::string& path,
-                                                         uint64_t size) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrFormat("cannot open %s", path));
-  absl::Cleanup close_fd = [fd] { ::close(fd); };
-  std::vector<char> buf(1 << 20);
-  uint64_t pos = 0;
-  while (pos < size) {
-    off_t data = ::lseek(fd, static_cast<off_t>(pos), SEEK_DATA);
-    if (data < 0) {
-      if (errno == ENXIO) break;  // nothing but a hole up to the end
-      if (errno != EINVAL && errno != EOPNOTSUPP)
-        return absl::ErrnoToStatus(errno, absl::StrFormat("%s: seek failed", path));
-      data = static_cast<off_t>(pos);  // no SEEK_DATA here: read it all
-    }
-    if (static_cast<uint64_t>(data) >= size) break;  // it grew: not ours to judge
-    off_t hole = ::lseek(fd, data, SEEK_HOLE);
-    uint64_t end = hole < 0 ? size : std::min<uint64_t>(size, static_cast<uint64_t>(hole));
-    if (end <= static_cast<uint64_t>(data)) end = size;  // always move on
-    for (uint64_t off = static_cast<uint64_t>(data); off < end;) {
-      const size_t want = static_cast<size_t>(std::min<uint64_t>(buf.size(), end - off));
-      ssize_t n = ::pread(fd, buf.data(), want, static_cast<off_t>(off));
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) return absl::ErrnoToStatus(errno, absl::StrFormat("%s: read failed", path));
-      if (n == 0) return std::nullopt;  // the file shrank under us
-      auto it = std::find_if(buf.begin(), buf.begin() + n, [](char c) { return c != 0; });
-      if (it != buf.begin() + n) return off + static_cast<uint64_t>(it - buf.begin());
-      off += static_cast<uint64_t>(n);
-    }
-    pos = end;
-  }
-  return std::nullopt;
 }
 
 }  // namespace
@@ -184,7 +147,7 @@ int Create(int argc, char** argv) {
   absl::StatusOr<uint64_t> size = (*file)->Size();
   if (!size.ok()) return Fail(Message(size.status()));
   if (*size > 0) {
-    absl::StatusOr<std::optional<uint64_t>> nonzero = FirstNonZeroByte(path, *size);
+    absl::StatusOr<std::optional<uint64_t>> nonzero = (*file)->FirstNonZeroByte(*size);
     if (!nonzero.ok()) return Fail(Message(nonzero.status()));
     if (nonzero->has_value()) {
       if (!cl.flag("force")) {
@@ -335,12 +298,13 @@ int Info(int argc, char** argv) {
     r.new_store = true;
     r.exceptions = 0;
     r.areas = 0;
-    absl::StatusOr<bool> unused = LooksUnused(**file);
-    if (!unused.ok()) return Fail(Message(unused.status()));
-    if (!*unused)
-      r.notes.push_back(
-          "the magic is 0 but the first 4 KiB are not all zero: the kernel would "
-          "make a store here, the filter refuses to (it would overwrite data)");
+    absl::StatusOr<std::optional<uint64_t>> used = FirstUsedByte(**file);
+    if (!used.ok()) return Fail(Message(used.status()));
+    if (used->has_value())
+      r.notes.push_back(absl::StrFormat(
+          "the magic is 0 but byte %d is not zero: the kernel would make a "
+          "store here, the filter refuses to (it would overwrite data)",
+          **used));
   } else {
     // The store itself, read-only: the status is the filter's own.
     StoreOptions opts{.read_only = true};
@@ -438,13 +402,13 @@ int Check(int argc, char** argv) {
         "end of the list was overwritten, or the area was never zeroed",
         path, s.current_area, s.current_count));
   if (s.is_new && s.problems.empty()) {
-    absl::StatusOr<bool> unused = LooksUnused(**file);
-    if (!unused.ok()) return Fail(Message(unused.status()));
-    if (!*unused)
+    absl::StatusOr<std::optional<uint64_t>> used = FirstUsedByte(**file);
+    if (!used.ok()) return Fail(Message(used.status()));
+    if (used->has_value())
       lines.push_back(absl::StrFormat(
-          "%s: not a store: the magic is 0 but the first 4 KiB are not all "
-          "zero, so the filter refuses to make a store here",
-          path));
+          "%s: not a store: the magic is 0 but byte %d is not zero, so the "
+          "filter refuses to make a store here",
+          path, **used));
   }
   for (const std::string& l : lines) std::printf("%s\n", l.c_str());
   if (more > 0)
