@@ -34,6 +34,7 @@ std::string AbsolutePath(const std::string& path) {
   return ec ? path : p.lexically_normal().string();
 }
 
+namespace {
 // One file under two names (a symlink, a hard link, a/../b): its second
 // open would find it locked by this very process.
 bool SameFile(const std::string& a, const std::string& b) {
@@ -43,6 +44,18 @@ bool SameFile(const std::string& a, const std::string& b) {
   const std::filesystem::path ca = std::filesystem::weakly_canonical(a, ec);
   const std::filesystem::path cb = std::filesystem::weakly_canonical(b, ec2);
   return !ec && !ec2 && ca == cb;
+}
+}  // namespace
+
+absl::Status CheckOwnFile(std::string_view given, const std::string& path,
+                          std::span<const SnapshotSpec> others) {
+  for (const SnapshotSpec& s : others)
+    if (SameFile(s.path, path))
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "snapshot=%s: %s is given twice (it is already snapshot '%s'); "
+          "each snapshot needs its own COW file",
+          given, path, s.name));
+  return absl::OkStatus();
 }
 
 absl::Status ValidateSnapshotName(std::string_view name) {
@@ -126,12 +139,7 @@ absl::StatusOr<bool> FilterConfig::Set(std::string_view key,
     if (absl::Status st = ValidateSnapshotName(spec.name); !st.ok())
       return absl::InvalidArgumentError(absl::StrFormat(
           "snapshot=%s: %s; give one as snapshot=NAME=FILE", v, st.message()));
-    for (const SnapshotSpec& s : snapshots)
-      if (SameFile(s.path, spec.path))
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "snapshot=%s: %s is given twice (it is already snapshot '%s'); "
-            "each snapshot needs its own COW file",
-            v, spec.path, s.name));
+    if (absl::Status st = CheckOwnFile(v, spec.path, snapshots); !st.ok()) return st;
     for (const SnapshotSpec& s : snapshots)
       if (s.name == spec.name)
         return absl::InvalidArgumentError(absl::StrFormat(

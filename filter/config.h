@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -39,8 +40,9 @@ struct FilterConfig {
 
 inline constexpr char kOriginExport[] = "origin";
 
-// One file under two names (a symlink, a hard link, a/../b)?
-bool SameFile(const std::string& a, const std::string& b);
+// An error naming the snapshot among others whose COW file path is.
+absl::Status CheckOwnFile(std::string_view given, const std::string& path,
+                          std::span<const SnapshotSpec> others);
 
 // Names: letters, digits, '-', '_', '.', at most 64 bytes, not "origin",
 // "OK" or "ERR".

@@ -277,9 +277,9 @@ absl::Status SnapshotEngine::OriginZero(uint64_t length, uint64_t offset,
 
 absl::Status SnapshotEngine::OriginZeroLocked(uint64_t length, uint64_t offset,
                                               bool may_trim, bool fua, bool fast) {
-  if (fast && !origin_.can_fast_zero())
-    return ErrnoError(ENOTSUP, "the origin has no fast zero");
   if (fast) {
+    if (!origin_.can_fast_zero())
+      return ErrnoError(ENOTSUP, "the origin has no fast zero");
     // A zero that must first copy chunks out is not fast.
     for (const auto& s : List()) {
       if (s->merging.load() || !s->store->valid()) continue;

@@ -140,7 +140,8 @@ int snapshot_config_complete(nbdkit_next_config_complete* next,
       return -1;
     }
     // Open the stores now, so a bad COW file is a clean startup error.
-    for (const SnapshotSpec& spec : g_config.snapshots) {
+    for (size_t i = 0; i < g_config.snapshots.size(); ++i) {
+      const SnapshotSpec& spec = g_config.snapshots[i];
       StoreOptions opts;
       opts.type = g_config.store_type;
       opts.chunk_sectors = g_config.chunk_sectors;
@@ -149,13 +150,13 @@ int snapshot_config_complete(nbdkit_next_config_complete* next,
         opts.chunk_sectors = kDefaultChunkSectors;
       // Checked again now that the earlier files exist: a symlink to one
       // made just now is the same file.
-      for (const auto& s : g_opened)
-        if (SameFile(s->path, spec.path)) {
-          nbdkit_error("snapshot=%s: %s is given twice (it is already "
-                       "snapshot '%s'); each snapshot needs its own COW file",
-                       spec.path.c_str(), spec.path.c_str(), s->name.c_str());
-          return -1;
-        }
+      if (absl::Status st = CheckOwnFile(
+              spec.path, spec.path,
+              std::span<const SnapshotSpec>(g_config.snapshots).first(i));
+          !st.ok()) {
+        nbdkit_error("%s", std::string(st.message()).c_str());
+        return -1;
+      }
       absl::StatusOr<std::unique_ptr<ExceptionStore>> store =
           OpenStoreFile(spec.path, opts);
       if (!store.ok()) {

@@ -37,12 +37,7 @@ START_TEST(take_during_merge_is_refused) {
   ck_assert_msg(!st.ok() && st.message().find("m is merging") != std::string::npos,
                 "take during a merge: %s", st.ToString().c_str());
   ck_assert(!r.engine.CanTake().ok());
-  for (;;) {
-    absl::StatusOr<bool> done = r.engine.MergeStep();
-    ASSERT_OK(done.status());
-    if (*done) break;
-  }
-  r.engine.FinishMerge();
+  r.MergeToEnd();
   ASSERT_OK(r.engine.CanTake());
   r.Take(s);
   ck_assert(r.SnapRead(*s, 0, kChunk) == Fill(kChunk, 'M'));
@@ -62,12 +57,7 @@ START_TEST(merging_snapshot_refuses_writes) {
   ck_assert(!r.engine.SnapTrim(*m, kChunk, 0).ok());
   // Reads still show the snapshot, which is what the origin becomes.
   ck_assert(r.SnapRead(*m, 0, kChunk) == Fill(kChunk, 'M'));
-  for (;;) {
-    absl::StatusOr<bool> done = r.engine.MergeStep();
-    ASSERT_OK(done.status());
-    if (*done) break;
-  }
-  r.engine.FinishMerge();
+  r.MergeToEnd();
   ck_assert(r.Origin(0, kChunk) == Fill(kChunk, 'M'));
   ck_assert(r.Origin(5 * kChunk, 2 * kChunk) == Fill(2 * kChunk, 'o'));
 }
@@ -94,12 +84,7 @@ START_TEST(origin_reads_go_on_as_a_merge_finishes) {
       }
     });
     std::this_thread::sleep_for(std::chrono::microseconds(200));
-    for (;;) {
-      absl::StatusOr<bool> done = r.engine.MergeStep();
-      ASSERT_OK(done.status());
-      if (*done) break;
-    }
-    r.engine.FinishMerge();
+    r.MergeToEnd();
     std::this_thread::sleep_for(std::chrono::microseconds(200));
     stop = true;
     reader.join();

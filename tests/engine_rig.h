@@ -158,6 +158,15 @@ struct Rig {
     std::vector<char> all = mem.Contents();
     return {all.begin() + static_cast<long>(offset), all.begin() + static_cast<long>(offset + n)};
   }
+  // Runs the merge started on the engine to its end.
+  void MergeToEnd() {
+    for (;;) {
+      absl::StatusOr<bool> done = engine.MergeStep();
+      ASSERT_OK(done.status());
+      if (*done) break;
+    }
+    engine.FinishMerge();
+  }
   std::vector<char> SnapRead(Snapshot& s, uint64_t offset, uint64_t n) {
     std::vector<char> buf(n);
     ASSERT_OK(engine.SnapRead(s, buf, offset));
