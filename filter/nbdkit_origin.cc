@@ -53,6 +53,7 @@ bool NbdkitOrigin::Open(nbdkit_backend* backend, bool serialize) {
   can_fua_ = can_write_ && next_->can_fua(next_) > NBDKIT_FUA_NONE;
   can_fast_zero_ = can_zero_ && next_->can_fast_zero(next_) == 1;
   can_extents_ = next_->can_extents(next_) == 1;
+  is_rotational_ = next_->is_rotational(next_) == 1;
   (void)next_->can_cache(next_);
   uint32_t min = 0, pref = 0, max = 0;
   if (next_->block_size(next_, &min, &pref, &max) == -1) {

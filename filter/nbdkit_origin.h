@@ -35,6 +35,9 @@ class NbdkitOrigin final : public OriginIo {
   bool can_fua() const override { return can_fua_; }
   bool can_flush() const override { return can_flush_; }
   bool can_extents() const { return can_extents_; }
+  // Snapshots read what they did not change from the origin, so they
+  // share its seek costs.
+  bool is_rotational() const { return is_rotational_; }
 
   absl::Status Read(std::span<char> buf, uint64_t offset) override;
   absl::Status Write(std::span<const char> buf, uint64_t offset,
@@ -60,7 +63,7 @@ class NbdkitOrigin final : public OriginIo {
   uint64_t size_ = 0;
   bool can_write_ = false, can_zero_ = false, can_trim_ = false;
   bool can_fua_ = false, can_flush_ = false, can_extents_ = false;
-  bool can_fast_zero_ = false;
+  bool can_fast_zero_ = false, is_rotational_ = false;
   // The plugin's block size constraints (1, 0 and 0xffffffff when none);
   // requests to it are split at max_request_, a multiple of block_min_.
   uint32_t block_min_ = 1, block_preferred_ = 0, block_max_ = 0xffffffff;

@@ -378,7 +378,9 @@ int snapshot_can_write(nbdkit_next*, void* handle) {
   return h.snap ? 1 : g_origin.can_write();
 }
 int snapshot_can_flush(nbdkit_next*, void*) { return 1; }
-int snapshot_is_rotational(nbdkit_next*, void*) { return 0; }
+int snapshot_is_rotational(nbdkit_next*, void*) {
+  return g_origin.is_rotational();
+}
 int snapshot_can_trim(nbdkit_next*, void*) { return 1; }
 int snapshot_can_zero(nbdkit_next*, void*) { return NBDKIT_ZERO_NATIVE; }
 int snapshot_can_fast_zero(nbdkit_next*, void*) { return 1; }

@@ -6,6 +6,7 @@
 #    its maximum, and origin writes and copy-outs go through, checked
 #    against a model; a chunk size under the plugin's minimum is refused
 #    with a message naming both;
+#  - a rotational origin: every export says so, as the origin does;
 #  - an origin that fails to open, and a merge into a read-only origin:
 #    connections are refused with the reason, and nbdkit --run ends
 #    instead of waiting for ever.
@@ -84,6 +85,24 @@ if timeout 60 nbdkit -U - --filter="$FILTER" --filter=blocksize-policy memory 4M
 fi
 cat err.log
 grep -q "chunk size 512 is under the origin's minimum block size 4096" err.log
+
+# ----------------------------------------------------------- rotational
+# Snapshots read what they did not change from the origin: a rotating
+# origin makes every export rotational (it was reported as 0).
+for rot in 0 1; do
+  rm -f r.cow
+  nbdkit -U - --filter="$FILTER" eval get_size='echo 1M' \
+      pread='dd if=/dev/zero count=$3 iflag=count_bytes status=none' \
+      is_rotational="exit $((1 - rot))" snapshot=r=$tmp/r.cow --run '
+    nbdinfo --json "nbd+unix:///origin?socket=$unixsocket" > rot-origin.json
+    nbdinfo --json "nbd+unix:///r?socket=$unixsocket" > rot-r.json'
+  for e in origin r; do
+    python3 -c '
+import json, sys
+got = json.load(open(sys.argv[1]))["exports"][0]["is_rotational"]
+assert got == (sys.argv[2] == "1"), (sys.argv, got)' rot-$e.json $rot
+  done
+done
 
 # ----------------------------------------------------- failing origins
 # The plugin fails to open: --run's command is refused, nbdkit ends.
