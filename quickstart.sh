@@ -12,7 +12,7 @@ PACKAGES=(
   g++ make autoconf automake libtool pkg-config perl xz-utils python3
   nbdkit nbdkit-plugin-dev libnbd-bin python3-libnbd
   libabsl-dev libglib2.0-dev check
-  qemu-utils fio
+  qemu-utils fio strace
 )
 # The kernel oracle (../shared/tools/kdm) boots a real kernel under qemu.
 KDM_PACKAGES=(qemu-system-x86 busybox-static dmsetup kmod cpio zstd)

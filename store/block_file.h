@@ -45,7 +45,8 @@ class BlockFile {
 
 enum class OpenMode { kReadOnly, kReadWrite, kReadWriteCreate };
 
-// A POSIX file. kReadWriteCreate creates it (0644) when missing.
+// A POSIX file. kReadWriteCreate creates it (0644) when missing, and syncs
+// its directory so that the new name survives a power loss.
 absl::StatusOr<std::unique_ptr<BlockFile>> OpenPosixFile(const std::string& path,
                                                          OpenMode mode);
 

@@ -243,6 +243,27 @@ class PosixFile final : public BlockFile {
 
 }  // namespace
 
+namespace {
+
+absl::Status SyncParentDirectory(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "."
+                          : slash == 0               ? "/"
+                                                     : path.substr(0, slash);
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0 || ::fsync(dfd) != 0) {
+    const int err = errno;
+    if (dfd >= 0) ::close(dfd);
+    return absl::ErrnoToStatus(
+        err, absl::StrFormat("created %s but cannot sync its directory %s",
+                             path, dir));
+  }
+  ::close(dfd);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<BlockFile>> OpenPosixFile(const std::string& path,
                                                          OpenMode mode) {
   int flags = O_CLOEXEC;
@@ -251,7 +272,21 @@ absl::StatusOr<std::unique_ptr<BlockFile>> OpenPosixFile(const std::string& path
     case OpenMode::kReadWrite: flags |= O_RDWR; break;
     case OpenMode::kReadWriteCreate: flags |= O_RDWR | O_CREAT; break;
   }
-  int fd = ::open(path.c_str(), flags, 0644);
+  int fd = ::open(path.c_str(), flags & ~O_CREAT);
+  if (fd < 0 && errno == ENOENT && (flags & O_CREAT)) {
+    fd = ::open(path.c_str(), flags | O_EXCL, 0644);
+    if (fd < 0 && errno == EEXIST) {
+      fd = ::open(path.c_str(), flags & ~O_CREAT);  // made meanwhile
+    } else if (fd >= 0) {
+      // A new name is durable only once its directory is synced: without
+      // it, a power loss could take the COW file, and every flush it
+      // served, away.
+      if (absl::Status st = SyncParentDirectory(path); !st.ok()) {
+        ::close(fd);
+        return st;
+      }
+    }
+  }
   if (fd < 0)
     return absl::ErrnoToStatus(errno, absl::StrFormat("cannot open %s", path));
   struct stat st;
