@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Benchmarks: the snapshot filter side by side with passthrough nbdkit file,
 # nbdkit's cow filter (4K, 64K) and qemu-nbd over a qcow2 overlay, in one
-# run, interleaved, several repetitions, medians reported as ratios to
-# passthrough. Not a test: nothing here asserts a time.
+# run, several repetitions, medians reported as ratios to passthrough, then
+# every figure behind them. Each workload runs on every target back to back
+# (the order turning each repetition), so a ratio compares figures taken
+# seconds apart. Not a test: nothing here asserts a time.
 #
 #   bench/run.sh [-r REPS] [-s SIZE_MIB] [-o RESULTS.md] [-P]
 #
@@ -103,21 +105,29 @@ declare -A W=(
 TARGETS=(passthrough snap4k snap64k cow4k cow64k qcow2)
 declare -A R
 
+# Each workload runs on every target back to back, so that the figures a
+# ratio compares were taken seconds apart, under the same load from the
+# rest of the host; the order of targets turns each repetition.
 for rep in $(seq 1 "$REPS"); do
-  for t in "${TARGETS[@]}"; do
-    for w in seqread seqwrite randwrite4k randread4k; do
+  order=("${TARGETS[@]:rep % ${#TARGETS[@]}}" "${TARGETS[@]:0:rep % ${#TARGETS[@]}}")
+  for w in seqread seqwrite randwrite4k randread4k; do
+    for t in "${order[@]}"; do
       start_server "$t"
       v=$(fio_run "$w" ${W[$w]})
       stop_server
       R[$t,$w]+="$v "
     done
-    # Rewrite: the same random writes again, chunks already copied.
+  done
+  # Rewrite: the same random writes again, chunks already copied.
+  for t in "${order[@]}"; do
     start_server "$t"
     fio_run warm ${W[randwrite4k]} >/dev/null
     v=$(fio_run rewrite ${W[randwrite4k]})
     stop_server
     R[$t,randrewrite4k]+="$v "
-    # Flush: 4k writes each followed by a flush (fsync=1), time-bound.
+  done
+  # Flush: 4k writes each followed by a flush (fsync=1), time-bound.
+  for t in "${order[@]}"; do
     start_server "$t"
     v=$(fio_run flush --rw=write --bs=4k --iodepth=1 --fsync=1 --runtime=5 --time_based)
     stop_server
@@ -128,6 +138,14 @@ for rep in $(seq 1 "$REPS"); do
     v=$(fio_run originw --rw=randwrite --bs=64k --iodepth=16)
     stop_server
     R[$t,originwrite]+="$v "
+  done
+  # Sequential origin writes (1 MiB, as a copy of an image onto the
+  # origin would make them): each request copies out 16 chunks at once.
+  for t in origin1 passthrough; do
+    start_server "$t"
+    v=$(fio_run originseq ${W[seqwrite]})
+    stop_server
+    R[$t,originseq]+="$v "
   done
   # The same with a flush at the end, so that both keep the data: the
   # passthrough figure above never reaches the disk.
@@ -172,6 +190,10 @@ report() {
     printf '| origin 64k randwrite, %s snapshot(s) | %s (%.2f) |\n' "${t#origin}" "$m" \
       "$(ratio "$m" "$base")"
   done
+  local sbase; sbase=$(echo "${R[passthrough,originseq]}" | median)
+  local sm; sm=$(echo "${R[origin1,originseq]}" | median)
+  printf '| origin 1M seqwrite, 1 snapshot (passthrough %s) | %s (%.2f) |\n' \
+    "$sbase" "$sm" "$(ratio "$sm" "$sbase")"
   local dbase; dbase=$(echo "${R[passthrough,originwrite_durable]}" | median)
   local d; d=$(echo "${R[origin1,originwrite_durable]}" | median)
   printf '| origin 64k randwrite, 1 snapshot, final flush (passthrough %s) | %s (%.2f) |\n' \
@@ -180,4 +202,14 @@ report() {
   printf '| disk ceiling: write and sync %d MiB to a file | %s (%.2f) |\n' "$SIZE" "$m" \
     "$(ratio "$m" "$base")"
 }
-if [ -n "$OUT" ]; then report | tee "$OUT"; else report; fi
+# Every figure behind the medians, so that the spread can be judged.
+raw() {
+  echo
+  echo "Every run, in the order taken (KiB/s):"
+  echo
+  local k
+  for k in $(printf '%s\n' "${!R[@]}" | sort); do
+    echo "- ${k/,/ }: ${R[$k]% }"
+  done
+}
+if [ -n "$OUT" ]; then { report; raw; } | tee "$OUT"; else report; raw; fi
