@@ -18,6 +18,9 @@ requires strace -f -o /dev/null true
 enter_tmpdir
 export tmp
 
+# LeakSanitizer cannot run under ptrace (ASan builds): no leak check here.
+export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0"
+
 # check TRACE FILE: the create of FILE is followed by an fsync of a
 # descriptor opened on its directory.
 check() {
