@@ -178,7 +178,16 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
       buf = mem.first(end - start);
       if (absl::Status st = origin_.Read(buf, start); !st.ok()) return st;
     }
+    // The filesystem under the COW file is full (not the COW's own limit):
+    // refuse the origin write rather than lose the snapshot's old data or
+    // the snapshot.
+    auto no_space = [&](const absl::Status& why) {
+      return ErrnoError(ENOSPC, absl::StrFormat(
+          "snapshot %s: no space to save the old data: %s", s.name, why.message()));
+    };
     absl::StatusOr<uint64_t> cow = store.Allocate(c, WriteSource::kOrigin);
+    if (!cow.ok() && absl::IsResourceExhausted(cow.status()) && store.valid())
+      return no_space(cow.status());
     if (!cow.ok()) {
       // Full: the store invalidated itself (dm); the origin write goes on.
       LogError(absl::StrFormat("snapshot %s: %s", s.name,
@@ -203,13 +212,7 @@ absl::Status SnapshotEngine::CopyOut(Snapshot& s, uint64_t length,
       pos += n;
     }
     if (!st.ok()) {
-      if (absl::IsResourceExhausted(st)) {
-        // The filesystem under the COW file is full: refuse the origin
-        // write rather than lose the snapshot's old data or the snapshot.
-        return ErrnoError(ENOSPC, absl::StrFormat(
-            "snapshot %s: no space to save the old data: %s", s.name,
-            st.message()));
-      }
+      if (absl::IsResourceExhausted(st)) return no_space(st);
       LogError(absl::StrFormat("snapshot %s: invalidated: copy to %s failed: %s",
                                  s.name, s.path, st.message()));
       store.Invalidate(absl::StrCat("copy to the COW file failed: ", st.message()));

@@ -26,9 +26,13 @@ class BlockFile {
   virtual absl::StatusOr<uint64_t> Size() = 0;
   // Grows (never shrinks) the file to at least size bytes, sparsely.
   virtual absl::Status GrowTo(uint64_t size) = 0;
-  // Best effort: sets aside disk space for a range past the end, without
-  // changing the size, so writes there need not allocate one at a time.
-  virtual void Reserve(uint64_t /*offset*/, uint64_t /*length*/) {}
+  // Sets aside disk space for a range, without changing the size, so that
+  // writes there need not allocate one at a time, and cannot fail for
+  // want of space. Fails (kResourceExhausted) only when the disk is full;
+  // where space cannot be set aside (no fallocate), it does nothing.
+  virtual absl::Status Reserve(uint64_t /*offset*/, uint64_t /*length*/) {
+    return absl::OkStatus();
+  }
   // Gives back what Reserve set aside past the end of the file.
   virtual void ReleaseReserve() {}
   // Best effort: turns the range into zeros, freeing space where it can.

@@ -193,6 +193,9 @@ class PersistentStore final : public ExceptionStore {
   bool writer_active_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t file_size_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t reserved_ ABSL_GUARDED_BY(mu_) = 0;  // disk space set aside to here
+  // The file's size must reach this before the records in memory are
+  // written: the end of the last chunk they name (or of the next area).
+  uint64_t record_end_ ABSL_GUARDED_BY(mu_) = 0;
   bool valid_ ABSL_GUARDED_BY(mu_) = true;
   bool overflowed_ ABSL_GUARDED_BY(mu_) = false;
   bool merge_failed_ ABSL_GUARDED_BY(mu_) = false;
@@ -359,20 +362,31 @@ absl::StatusOr<uint64_t> PersistentStore::Allocate(uint64_t old_chunk,
     return absl::ResourceExhaustedError(absl::StrFormat(
         "%s: COW file is full (%d bytes)", file_->name(), size_cap_));
   }
-  // The file grows with the data written into it; the group commit makes
-  // sure it covers every chunk a record names before the record is written.
-  file_size_ = std::max(file_size_, need);
   if (need > reserved_) {
     // Set disk space aside ahead of the data, in steps of an eighth of
     // the file (4 MiB to 256 MiB): one extent allocation instead of one
-    // per chunk written.
-    uint64_t step = std::clamp<uint64_t>(file_size_ / 8, 4 << 20, 256 << 20);
+    // per chunk written. On a full disk this fails, and is tried again.
+    uint64_t step =
+        std::clamp<uint64_t>(std::max(file_size_, need) / 8, 4 << 20, 256 << 20);
     uint64_t until = need + step;
     if (size_cap_ != 0) until = std::min(until, size_cap_);
     const uint64_t from = std::max(reserved_, need - cb);
-    if (until > from) file_->Reserve(from, until - from);
-    reserved_ = std::max(reserved_, until);
+    if (until > from && file_->Reserve(from, until - from).ok())
+      reserved_ = std::max(reserved_, until);
   }
+  if (geo_.IsMetadataChunk(chunk + 1)) {
+    // The next area's chunk must be on disk before the group commit that
+    // fills this area, so it needs space of its own: without it, that
+    // commit would fail and end the store, losing every exception it
+    // holds. Refused here, only this write fails (ENOSPC), as when its
+    // data cannot be written.
+    if (absl::Status st = file_->Reserve((chunk + 1) * cb, cb); !st.ok())
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "no room for the COW file's next metadata area: %s", st.message()));
+  }
+  // The file grows with the data written into it; the group commit makes
+  // sure it covers every chunk a record names before the record is written.
+  file_size_ = std::max(file_size_, need);
   pending_[next_slot_] = Pending{old_chunk, SlotState::kCopying};
   ++next_slot_;
   return chunk;
@@ -414,9 +428,16 @@ void PersistentStore::DrainLocked() {
         if (!NextAreaKnownZeroLocked()) break;  // WriteAreaLocked zeroes it
         NextAreaLocked();
       }
-      DiskRecord{it->second.old_chunk, geo_.SlotToChunk(buffered_upto_)}.Encode(
+      const uint64_t new_chunk = geo_.SlotToChunk(buffered_upto_);
+      DiskRecord{it->second.old_chunk, new_chunk}.Encode(
           area_buf_.data() + cur_count_ * kRecordBytes);
       ++cur_count_;
+      // The file must cover what the records name, and the next area once
+      // this one is full; not the chunks of writes that failed after it.
+      record_end_ = std::max(record_end_, (new_chunk + 1) * geo_.chunk_bytes());
+      if (cur_count_ == epa)
+        record_end_ = std::max(
+            record_end_, (geo_.AreaChunk(cur_area_ + 1) + 1) * geo_.chunk_bytes());
       if (cur_count_ == epa && NextAreaKnownZeroLocked()) NextAreaLocked();
     }
     // An abandoned slot needs neither a record nor durable data, so one at
@@ -445,12 +466,21 @@ void PersistentStore::WriteAreaLocked() {
   std::vector<std::pair<uint64_t, std::vector<char>>> full_areas;
   full_areas.swap(full_areas_);
   const uint64_t cb = geo_.chunk_bytes();
-  const uint64_t grow_to = file_size_;
+  const uint64_t grow_to = record_end_;
   mu_.Unlock();
   // The records written here name only data an earlier sync made durable,
   // so one sync (the kernel's PREFLUSH + FUA) commits them, and with them
   // the data of the next group: a copy-out costs one sync, not two.
-  absl::Status st = file_->GrowTo(grow_to);
+  absl::StatusOr<uint64_t> size = file_->Size();
+  absl::Status st = size.status();
+  if (st.ok() && *size < grow_to) {
+    // Growing: the new size must be on disk before records that need it
+    // (a disk may keep the area write and lose the growth). Data written
+    // past the records usually grew the file already; this sync comes at
+    // most once an area, or for a zeroed chunk at the end.
+    st = file_->GrowTo(grow_to);
+    if (st.ok()) st = file_->Sync();
+  }
   if (st.ok() && full) {
     // The next area must read as zeros on disk before a full area leads
     // the reader to it: zero it, and sync, before writing the full area.

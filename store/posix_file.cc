@@ -103,9 +103,12 @@ class PosixFile final : public BlockFile {
     return absl::OkStatus();
   }
 
-  void Reserve(uint64_t offset, uint64_t length) override {
-    (void)::fallocate(fd_, FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
-                      static_cast<off_t>(length));
+  absl::Status Reserve(uint64_t offset, uint64_t length) override {
+    if (::fallocate(fd_, FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                    static_cast<off_t>(length)) == 0 ||
+        (errno != ENOSPC && errno != EDQUOT))
+      return absl::OkStatus();
+    return Err(errno, "reserve", offset);
   }
 
   void ReleaseReserve() override {

@@ -229,7 +229,10 @@ absl::Status FaultFile::GrowTo(uint64_t size) {
     d.events.push_back(ev);
     return FrozenStatus(name_, "grow");
   }
-  if (std::optional<Fault> f = TakeFault(d, Op::kGrow, index, std::min(old, size), ev.length)) {
+  // Like ftruncate or fallocate over what is there, a grow that does not
+  // grow needs no space and cannot fail for want of it.
+  if (std::optional<Fault> f =
+          size > old ? TakeFault(d, Op::kGrow, index, old, ev.length) : std::nullopt) {
     d.events.push_back(ev);
     return FaultStatus(*f, name_, "grow", size);
   }
@@ -259,6 +262,15 @@ absl::Status FaultFile::ZeroRange(uint64_t offset, uint64_t length) {
   d.events.push_back(ev);
   Apply(d.cur, ev, {});
   d.unsynced.push_back({ev, {}});
+  return absl::OkStatus();
+}
+
+absl::Status FaultFile::Reserve(uint64_t offset, uint64_t length) {
+  std::lock_guard<std::mutex> l(disk_->mu);
+  Disk& d = *disk_;
+  uint64_t index = d.n.reserves++;
+  if (std::optional<Fault> f = TakeFault(d, Op::kReserve, index, offset, length))
+    return FaultStatus(*f, name_, "reserve", offset);
   return absl::OkStatus();
 }
 

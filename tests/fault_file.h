@@ -24,7 +24,8 @@
 
 namespace snaptest {
 
-enum class Op { kRead, kWrite, kSync, kGrow, kZero };
+// kReserve calls are counted and can fail, but are not logged as events.
+enum class Op { kRead, kWrite, kSync, kGrow, kZero, kReserve };
 enum class FaultKind { kEIO, kENOSPC, kShortWrite };
 
 struct Fault {
@@ -57,7 +58,7 @@ struct Event {
 };
 
 struct Counters {
-  uint64_t reads = 0, writes = 0, syncs = 0, grows = 0, zeros = 0;
+  uint64_t reads = 0, writes = 0, syncs = 0, grows = 0, zeros = 0, reserves = 0;
   uint64_t ok_syncs = 0;  // sync points reached
   uint64_t faults_fired = 0;
 };
@@ -81,6 +82,8 @@ class FaultFile final : public snap::BlockFile {
   absl::StatusOr<uint64_t> Size() override;
   absl::Status GrowTo(uint64_t size) override;
   absl::Status ZeroRange(uint64_t offset, uint64_t length) override;
+  // Changes nothing; fails only as an injected fault says (a full disk).
+  absl::Status Reserve(uint64_t offset, uint64_t length) override;
   const std::string& name() const override { return name_; }
   bool is_block_device() const override;
 

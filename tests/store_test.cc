@@ -1458,6 +1458,80 @@ START_TEST(enospc_on_data_write_keeps_store) {
 }
 END_TEST
 
+// A full disk from `from` on: writes, growth and reservations there fail.
+void FillDiskFrom(FaultFile& disk, uint64_t from) {
+  for (Op op : {Op::kWrite, Op::kGrow, Op::kReserve}) {
+    Fault f;
+    f.op = op;
+    f.kind = FaultKind::kENOSPC;
+    f.lo = from;
+    f.sticky = true;
+    disk.AddFault(f);
+  }
+}
+
+// The disk fills up under a write: that write fails, and the flush after
+// it commits the exceptions before it. The group commit grew the file to
+// cover the failed write's chunk too, failed for want of space, and ended
+// the store with every exception in it (seen on a full tmpfs).
+START_TEST(full_disk_after_failed_write_flush_keeps_store) {
+  for (StoreType type : {StoreType::kPersistent, StoreType::kPersistentOverflow}) {
+    FaultFile disk;
+    std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle(), Opts(8, type));
+    std::vector<Written> w;
+    for (uint64_t i = 0; i < 5; ++i) w.push_back(Add(*s, i, i, 4096, i == 0));
+    absl::StatusOr<uint64_t> c = s->Allocate(9, WriteSource::kSnapshot);
+    ck_assert(c.ok());
+    FillDiskFrom(disk, *c * 4096);
+    ck_assert(absl::IsResourceExhausted(s->WriteChunk(*c, 0, Pattern(9, 4096))));
+    s->Abandon(*c);
+    ASSERT_OK(s->Flush());
+    ck_assert(s->valid());
+    ck_assert(!s->overflowed());
+    Verify(*s, w, 4096);
+    s.reset();
+    s = MustOpen(disk.PowerLoss(), Opts(8, type));
+    Verify(*s, w, 4096);
+  }
+}
+END_TEST
+
+// The disk is full where the next metadata area goes: the write that would
+// fill this area is refused (ENOSPC) before anything is written, and the
+// store goes on. Before, its commit had to grow the file over the next
+// area, failed, and ended the store. When space comes back, writes go on.
+START_TEST(full_disk_at_next_area_refuses_write_keeps_store) {
+  for (StoreType type : {StoreType::kPersistent, StoreType::kPersistentOverflow}) {
+    FaultFile disk;
+    std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle(), Opts(8, type));
+    const Geometry g(8);
+    const uint64_t epa = g.exceptions_per_area();
+    std::vector<Written> w;
+    for (uint64_t i = 0; i + 1 < epa; ++i) w.push_back(Add(*s, i, i, 4096, false));
+    ASSERT_OK(s->Flush());
+    FillDiskFrom(disk, g.AreaChunk(1) * 4096);
+    for (WriteSource src : {WriteSource::kOrigin, WriteSource::kSnapshot}) {
+      absl::StatusOr<uint64_t> c = s->Allocate(epa, src);
+      ck_assert_msg(absl::IsResourceExhausted(c.status()), "%s",
+                    c.status().ToString().c_str());
+      ck_assert(s->valid());
+      ck_assert(!s->overflowed());
+    }
+    ASSERT_OK(s->Flush());
+    Verify(*s, w, 4096);
+    s.reset();
+    // A power loss, then space again (the new disk has no faults).
+    std::unique_ptr<FaultFile> after = disk.PowerLoss();
+    s = MustOpen(after->Handle(), Opts(8, type));
+    Verify(*s, w, 4096);
+    for (uint64_t i = epa - 1; i < epa + 2; ++i) w.push_back(Add(*s, i, i, 4096, true));
+    s.reset();
+    s = MustOpen(after->PowerLoss(), Opts(8, type));
+    Verify(*s, w, 4096);
+  }
+}
+END_TEST
+
 // The group commit makes the file cover every chunk its records name; if
 // that fails the records are not written and the store is invalid (as a
 // failed metadata write is in dm).
@@ -2063,6 +2137,8 @@ Suite* ErrorSuite() {
   tcase_add_test(tc, data_write_error_then_abandon_keeps_store_valid);
   tcase_add_test(tc, abandon_leaves_hole_and_store_works);
   tcase_add_test(tc, enospc_on_data_write_keeps_store);
+  tcase_add_test(tc, full_disk_after_failed_write_flush_keeps_store);
+  tcase_add_test(tc, full_disk_at_next_area_refuses_write_keeps_store);
   tcase_add_test(tc, grow_failure_at_group_commit_invalidates);
   tcase_add_test(tc, zeroed_new_chunk_readable_before_group_commit);
   tcase_add_test(tc, size_cap_fills);
