@@ -19,7 +19,8 @@ requires nbdkit --version
 requires nbdsh --version
 requires nbdinfo --version
 requires python3 -c 'import nbd'
-requires unshare -rm sh -c 'mkdir -p /tmp/.snap-ns-probe && mount -t tmpfs -o size=64k tmpfs /tmp/.snap-ns-probe'
+requires unshare -rm sh -c \
+    'd=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs "$d" && umount "$d" && rmdir "$d"'
 
 # Everything below runs as root of a private user and mount namespace.
 if [ -z "${SNAP_IN_MOUNT_NS:-}" ]; then
