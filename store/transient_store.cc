@@ -28,7 +28,8 @@ class TransientStore final : public ExceptionStore {
     // was used, so that the next start finds the file unused and takes it
     // again. Best effort; after a crash the file is refused until emptied.
     snap::MutexLock l(&mu_);
-    uint64_t used = next_chunk_ * chunk_bytes();
+    // Chunks given back by Abandon may hold part of a failed write.
+    uint64_t used = std::max(next_chunk_, high_chunk_) * chunk_bytes();
     if (file_->is_block_device()) used = std::min<uint64_t>(used, 4096);
     if (used != 0) (void)file_->ZeroRange(0, used);
   }
@@ -88,6 +89,12 @@ class TransientStore final : public ExceptionStore {
   void Abandon(uint64_t cow_chunk) override {
     snap::MutexLock l(&mu_);
     pending_.erase(cow_chunk);
+    // The last chunk is used again (no record names chunks here), so that
+    // writes failing on a full disk do not push the store ever further.
+    if (cow_chunk + 1 == next_chunk_) {
+      high_chunk_ = std::max(high_chunk_, next_chunk_);
+      --next_chunk_;
+    }
   }
 
   absl::Status ReadChunk(uint64_t c, uint64_t off, std::span<char> b) override {
@@ -150,6 +157,7 @@ class TransientStore final : public ExceptionStore {
   ExceptionTable table_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<uint64_t, uint64_t> pending_ ABSL_GUARDED_BY(mu_);
   uint64_t next_chunk_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t high_chunk_ ABSL_GUARDED_BY(mu_) = 0;  // next_chunk_ at its highest
   bool valid_ ABSL_GUARDED_BY(mu_) = true;
   bool merge_failed_ ABSL_GUARDED_BY(mu_) = false;
   std::string invalid_reason_ ABSL_GUARDED_BY(mu_);

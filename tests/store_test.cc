@@ -1770,6 +1770,31 @@ START_TEST(merge_runs_batch_the_steps) {
 }
 END_TEST
 
+// A write that fails part way (the disk filled up) leaves bytes in its
+// abandoned chunk; the chunk is used again, and still zeroed at close, so
+// that the next start takes the file again.
+START_TEST(transient_failed_write_zeroed_at_close) {
+  FaultFile disk;
+  {
+    std::unique_ptr<ExceptionStore> s =
+        MustOpen(disk.Handle(), Opts(8, StoreType::kTransient));
+    Add(*s, 1, 1, 4096, false);
+    absl::StatusOr<uint64_t> c = s->Allocate(2, WriteSource::kSnapshot);
+    ck_assert(c.ok());
+    Fault f;
+    f.kind = FaultKind::kShortWrite;
+    f.short_bytes = 1000;
+    disk.AddFault(f);
+    ck_assert(!s->WriteChunk(*c, 0, Pattern(2, 4096)).ok());
+    s->Abandon(*c);
+  }
+  const std::vector<char> after = disk.Contents();
+  ck_assert_uint_ge(after.size(), 4096 + 1000);
+  ck_assert(std::all_of(after.begin(), after.end(), [](char b) { return b == 0; }));
+  MustOpen(disk.Handle(), Opts(8, StoreType::kTransient));
+}
+END_TEST
+
 START_TEST(transient_basics) {
   FaultFile disk;
   std::unique_ptr<ExceptionStore> s =
@@ -1793,6 +1818,14 @@ START_TEST(transient_basics) {
   ck_assert(c.ok());
   s->Abandon(*c);
   ck_assert(!s->Lookup(77).has_value());
+  // The last chunk, abandoned (its write failed, on a full disk say), is
+  // used again: failed writes do not push the store further out, nor its
+  // use past the file's size.
+  ASSERT_STR_EQ(s->StatusLine(), "40/2048 0");
+  absl::StatusOr<uint64_t> again = s->Allocate(78, WriteSource::kOrigin);
+  ck_assert(again.ok());
+  ck_assert_uint_eq(*again, *c);
+  s->Abandon(*again);
   // No cap: the total is the file's size.
   FaultFile d2;
   s = MustOpen(d2.Handle(), Opts(1, StoreType::kTransient));
@@ -2138,6 +2171,7 @@ Suite* ErrorSuite() {
   tcase_add_test(tc, abandon_leaves_hole_and_store_works);
   tcase_add_test(tc, enospc_on_data_write_keeps_store);
   tcase_add_test(tc, full_disk_after_failed_write_flush_keeps_store);
+  tcase_add_test(tc, transient_failed_write_zeroed_at_close);
   tcase_add_test(tc, full_disk_at_next_area_refuses_write_keeps_store);
   tcase_add_test(tc, grow_failure_at_group_commit_invalidates);
   tcase_add_test(tc, zeroed_new_chunk_readable_before_group_commit);

@@ -9,7 +9,9 @@
 # the failed chunk, failed in turn, and ended the snapshot (P and PO).
 #
 # Each case runs for 4 KiB chunks (a metadata area every 256 chunks, so
-# the disk also runs out where the next area goes) and 64 KiB chunks.
+# the disk also runs out where the next area goes) and 64 KiB chunks, and
+# for the transient (N) store, which must zero its file when it stops,
+# the part written by the failed write included.
 
 source "$srcdir/functions.sh"
 set -e
@@ -74,14 +76,19 @@ assert h.pread(4096, (4 << 20) - 4096) == b\"o\" * 4096
     if grep -q "Invalid" list.txt; then
         echo "$0: the snapshot was invalidated on a full disk"; exit 1
     fi
-    # A restart on the still full disk serves the same snapshot.
+    # A restart on the still full disk serves the same snapshot; a
+    # transient (N) one starts empty, its file (failed write included)
+    # zeroed and taken again.
+    export store
     nbdkit -U - --filter="$FILTER" file origin.img snapshot=s=$tmp/disk/s.cow \
-        snapshot-store=$store --run '
+        snapshot-store=$store snapshot-chunk-size=$cs --run '
       nbdsh -u "nbd+unix:///s?socket=$unixsocket" -c "
 import os
 cs = int(os.environ[\"cs\"][:-1]) * 1024
 n = int(open(\"written\").read())
-for i in range(n):
+if os.environ[\"store\"] == \"N\":
+    assert h.pread(4 << 20, 0) == b\"o\" * (4 << 20)
+for i in range(n if os.environ[\"store\"] != \"N\" else 0):
     assert h.pread(cs, i * cs) == bytes([i % 250 + 1]) * cs, i
 "'
     umount "$tmp/disk"
@@ -92,4 +99,5 @@ for i in range(n):
 for kib in 1028 1032 1036 1040; do
     for store in P PO; do run 4k $store $kib; done
 done
-for store in P PO; do run 64k $store 1200; done
+for store in P PO N; do run 64k $store 1200; done
+run 4k N 1032
