@@ -1,9 +1,11 @@
 #include "filter/control_commands.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
@@ -82,13 +84,22 @@ std::string Take(ControlContext& ctx, const Words& w) {
     return Err(absl::StrCat(file, ": ", st.message()));
   };
   struct stat sb;
-  if (::stat(file.c_str(), &sb) != 0 || sb.st_size == 0) {
+  const bool existed = ::stat(file.c_str(), &sb) == 0;
+  if (!existed || sb.st_size == 0) {
     const uint32_t cs = opts.chunk_sectors != 0 ? opts.chunk_sectors : kDefaultChunkSectors;
     if (absl::Status st = CheckCowSizeChunks(opts.size_cap, uint64_t{cs} * kSectorBytes);
         !st.ok())
       return refuse_cap(st);
   }
   absl::StatusOr<std::unique_ptr<ExceptionStore>> store = OpenStoreFile(file, opts);
+  // A file this take made goes again if the take fails (as with nbdsnap
+  // create): a full disk, say, leaves nothing behind.
+  bool taken = false;
+  absl::Cleanup remove_new_file = [&] {
+    if (existed || taken) return;
+    if (store.ok()) store->reset();
+    ::unlink(file.c_str());
+  };
   if (!store.ok()) return Err(store.status().message());
   // An existing store's header may hold another chunk size.
   if (absl::Status st = CheckCowSize(opts.size_cap, **store); !st.ok())
@@ -103,7 +114,11 @@ std::string Take(ControlContext& ctx, const Words& w) {
   auto snap = std::make_shared<Snapshot>(name, w[2], std::move(*store));
   // Waits for in-flight origin writes; checks again for a merge that
   // started since the check above.
-  if (absl::Status st = ctx.engine->Add(snap); !st.ok()) return Err(st.message());
+  if (absl::Status st = ctx.engine->Add(snap); !st.ok()) {
+    snap.reset();  // the store closes before its new file goes
+    return Err(st.message());
+  }
+  taken = true;
   LogMessage(absl::StrFormat("took snapshot %s in %s", name, w[2]));
   return absl::StrFormat("%s: %s\nOK\n", name, snap->store->StatusLine());
 }

@@ -1,6 +1,17 @@
 # Shared helpers for the shell tests, in the style of nbdkit's own
-# tests/functions.sh: cleanup_fn, requires, start_nbdkit, kill_nbdkit.
+# tests/functions.sh: cleanup_fn, requires, start_nbdkit, kill_nbdkit,
+# absent.
 # Source it first:  source "$srcdir/functions.sh"; set -e; set -x
+
+# absent PATTERN FILE: fails the test if a line of FILE matches PATTERN.
+# (`! grep ...` cannot: set -e ignores a command negated with `!`.)
+absent () {
+    if grep -q -- "$1" "$2"; then
+        echo "$0: unexpected line in $2 matching $1:" >&2
+        grep -- "$1" "$2" >&2
+        exit 1
+    fi
+}
 
 _cleanup_hook=()
 # cleanup_fn CMD ARGS...: run CMD when the script exits, however it exits.

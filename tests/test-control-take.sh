@@ -3,14 +3,15 @@
 # point in time (the snapshot equals the origin after exactly the first k
 # acknowledged writes, for one k); the export appears at once; later origin
 # writes copy out; refusals; chunk size and store arguments; the taken COW
-# persists across a restart; snapshot-cow-size checked as at startup.
-# Uses only the control socket (no nbdsnap).
+# persists across a restart; snapshot-cow-size checked as at startup; a
+# take that fails removes the file it made. Uses only the control socket (no nbdsnap).
 source "$srcdir/functions.sh"
 set -e
 set -x
 requires nbdinfo --version
 requires nbdcopy --version
 requires python3 -c 'import nbd'
+requires nbdkit --filter=blocksize-policy null --version
 enter_tmpdir
 
 # A tiny control client: ctl COMMAND... prints the reply; exit 0 on OK,
@@ -145,8 +146,8 @@ ctl_err '' take t2 "$tmp/t2.cow" 2g
 ctl_err '' take t2 "$tmp/t2.cow" 64k Q
 ctl_err '' take 'bad/name' "$tmp/t2.cow"
 ctl list | tee list.out
-! grep -q '^t2 ' list.out
-! grep -q '^bad' list.out
+absent '^t2 ' list.out
+absent '^bad' list.out
 if nbdinfo --list "nbd+unix:///?socket=$tmp/sock" | grep -q 'export="t2"'; then
   echo "a refused take left an export"; exit 1
 fi
@@ -231,3 +232,21 @@ grep -q "snapshot=$tmp/h1m.cow: $msg" err
 # Chunks small enough: taken, and writes work.
 ctl take fits "$tmp/fits.cow" 256k
 nbdsh -u "nbd+unix:///fits?socket=$tmp/sock" -c 'h.pwrite(b"f" * 4096, 0); h.flush()'
+
+# A take that fails after making its file removes the file again (as
+# nbdsnap create does): here the chunk is under the plugin's minimum
+# block size, which only the engine checks, once the store is made.
+# Before, a new, empty store was left behind. A file that was there
+# before stays (holding the new, empty store).
+: > kept.cow
+export tmp
+nbdkit -U - --filter="$FILTER" --filter=blocksize-policy file origin.img \
+  blocksize-minimum=4096 blocksize-error-policy=error \
+  snapshot-control="$tmp/ctl2" --run '
+  python3 "$tmp/ctl.py" "$tmp/ctl2" take small "$tmp/small.cow" 512 > small.out || true
+  python3 "$tmp/ctl.py" "$tmp/ctl2" take kept "$tmp/kept.cow" 512 > kept.out || true'
+cat small.out kept.out
+grep -q "^ERR .*chunk size 512 is under the origin's minimum block size 4096" small.out
+grep -q "^ERR .*chunk size 512 is under the origin's minimum block size 4096" kept.out
+[ ! -e small.cow ]
+[ -e kept.cow ]

@@ -101,3 +101,33 @@ for kib in 1028 1032 1036 1040; do
 done
 for store in P PO N; do run 64k $store 1200; done
 run 4k N 1032
+
+# take on a full disk: refused with the reason, and the file it began is
+# gone; once there is room, the same take works.
+mkdir -p "$tmp/disk"
+mount -t tmpfs -o size=256k tmpfs "$tmp/disk"
+head -c 200000 /dev/zero > "$tmp/disk/filler"
+nbdkit -U - --filter="$FILTER" file origin.img \
+    snapshot-control="$tmp/ctl" --run '
+  take() {
+    python3 -c "
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.settimeout(60); s.connect(sys.argv[1])
+s.sendall(b\"take t \" + sys.argv[2].encode() + b\"\n\")
+buf = b\"\"
+while not (buf.endswith(b\"OK\n\") or b\"ERR\" in buf):
+    c = s.recv(4096)
+    if not c: break
+    buf += c
+sys.stdout.write(buf.decode())
+" "$tmp/ctl" "$tmp/disk/t.cow"
+  }
+  take > take1.out
+  ls -la "$tmp/disk" > ls1.out
+  rm "$tmp/disk/filler"
+  take > take2.out'
+cat take1.out ls1.out take2.out
+grep -q "^ERR .*No space left on device" take1.out
+absent "t.cow" ls1.out
+grep -q "^OK" take2.out
+umount "$tmp/disk"
