@@ -244,10 +244,6 @@ class PosixFile final : public BlockFile {
   std::mutex write_mu_;
 };
 
-}  // namespace
-
-namespace {
-
 absl::Status SyncParentDirectory(const std::string& path) {
   const size_t slash = path.rfind('/');
   const std::string dir = slash == std::string::npos ? "."
