@@ -42,6 +42,7 @@ run() {
     export cs
     nbdkit -U - --filter="$FILTER" file origin.img snapshot=s=$tmp/disk/s.cow \
         snapshot-chunk-size=$cs snapshot-store=$store --run '
+      set -e
       nbdsh -u "nbd+unix:///s?socket=$unixsocket" -c "
 import os
 cs = int(os.environ[\"cs\"][:-1]) * 1024

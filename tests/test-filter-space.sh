@@ -10,6 +10,7 @@ requires du --version
 enter_tmpdir
 truncate -s 64M origin.img
 nbdkit -U - --filter="$FILTER" file origin.img snapshot=s=s.cow --run '
+  set -e
   nbdsh -u "$uri" -c "h.pwrite(b\"x\" * (1 << 20), 0); h.flush()"
   echo "$(du -k s.cow | cut -f1) $(stat -c %s s.cow)" > during'
 read -r kib size < during

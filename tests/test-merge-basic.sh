@@ -158,6 +158,7 @@ PY
 
     # The empty snapshot now reads as the origin, and is exported again.
     nbdkit -U - --filter="$FILTER" file origin.img snapshot=s=s.cow --run '
+        set -e
         nbdinfo --list "$uri" | grep -q "export=\"s\""
         nbdcopy "nbd+unix:///s?socket=$unixsocket" after-s.img'
     cmp after-s.img view.img

@@ -325,6 +325,7 @@ refused 'snapshot-merge-exit=true needs snapshot-merge' \
 rm -f inv.cow
 nbdkit -U - --filter="$FILTER" file origin.img snapshot=inv=inv.cow \
     snapshot-chunk-size=4k snapshot-cow-size=16k --run '
+  set -e
   nbdsh -u "nbd+unix:///origin?socket=$unixsocket" -c "h.pwrite(b\"x\" * 65536, 0)"
   nbdinfo --list "$uri" | grep "description: snapshot inv"' | tee inv.txt
 grep -q Invalid inv.txt

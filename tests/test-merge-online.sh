@@ -20,6 +20,7 @@ cp origin.img base.img
 # Snapshot m gets many scattered writes; sibling s is taken at the start.
 nbdkit -U - --filter="$FILTER" file origin.img snapshot=m=m.cow snapshot=s=s.cow \
   snapshot-chunk-size=4k --run '
+  set -e
   nbdsh -u "nbd+unix:///m?socket=$unixsocket" -c "
 import random
 random.seed(4)
