@@ -45,6 +45,10 @@ class BlockFile {
   // The offset of the first byte before `end` that is not zero, or nullopt.
   // This one reads every byte; a POSIX file skips its holes.
   virtual absl::StatusOr<std::optional<uint64_t>> FirstNonZeroByte(uint64_t end);
+
+ protected:
+  // The same over [begin, end), reading every byte.
+  absl::StatusOr<std::optional<uint64_t>> FirstNonZeroIn(uint64_t begin, uint64_t end);
 };
 
 enum class OpenMode { kReadOnly, kReadWrite, kReadWriteCreate };

@@ -14,16 +14,22 @@ absl::StatusOr<std::optional<uint64_t>> FirstUsedByte(BlockFile& file) {
                                                       : *size);
 }
 
+void KeepBounded(std::vector<std::string>& list, uint64_t& more, std::string text,
+                 size_t max) {
+  if (list.size() < max)
+    list.push_back(std::move(text));
+  else
+    ++more;
+}
+
 absl::StatusOr<CowScan> ScanCow(
     BlockFile& file, const std::function<void(const ScannedRecord&)>& on_record,
     const std::function<bool(uint64_t)>& seen_before, const ScanOptions& options) {
   CowScan scan;
   // Records one problem; true when the scan should stop.
   auto problem = [&](std::string text) {
-    if (scan.problems.size() < options.max_problems)
-      scan.problems.push_back(std::move(text));
-    else
-      ++scan.more_problems;
+    KeepBounded(scan.problems, scan.more_problems, std::move(text),
+                options.max_problems);
     return options.stop_at_first_problem;
   };
   absl::StatusOr<uint64_t> size = file.Size();

@@ -48,6 +48,11 @@ struct CowScan {
 // the text of a few.
 inline constexpr size_t kMaxKeptProblems = 100;
 
+// Adds text to list while it holds fewer than max lines; counts it in more
+// otherwise.
+void KeepBounded(std::vector<std::string>& list, uint64_t& more, std::string text,
+                 size_t max = kMaxKeptProblems);
+
 struct ScanOptions {
   // Opening a store refuses on the first problem: no need to read on.
   bool stop_at_first_problem = false;

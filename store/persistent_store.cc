@@ -435,10 +435,11 @@ void PersistentStore::DrainLocked() {
       // The file must cover what the records name, and the next area once
       // this one is full; not the chunks of writes that failed after it.
       record_end_ = std::max(record_end_, (new_chunk + 1) * geo_.chunk_bytes());
-      if (cur_count_ == epa)
+      if (cur_count_ == epa) {
         record_end_ = std::max(
             record_end_, (geo_.AreaChunk(cur_area_ + 1) + 1) * geo_.chunk_bytes());
-      if (cur_count_ == epa && NextAreaKnownZeroLocked()) NextAreaLocked();
+        if (NextAreaKnownZeroLocked()) NextAreaLocked();
+      }
     }
     // An abandoned slot needs neither a record nor durable data, so one at
     // the end drains at once and leaves the store quiet.

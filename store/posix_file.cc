@@ -154,7 +154,6 @@ class PosixFile final : public BlockFile {
   bool is_block_device() const override { return block_device_; }
 
   absl::StatusOr<std::optional<uint64_t>> FirstNonZeroByte(uint64_t end) override {
-    std::vector<char> buf(std::min<uint64_t>(end, 1 << 20));
     uint64_t pos = 0;
     while (pos < end) {
       // Holes read as zeros: only the data between them is read.
@@ -168,16 +167,9 @@ class PosixFile final : public BlockFile {
       const off_t hole = ::lseek(fd_, data, SEEK_HOLE);
       uint64_t stop = hole < 0 ? end : std::min<uint64_t>(end, static_cast<uint64_t>(hole));
       if (stop <= static_cast<uint64_t>(data)) stop = end;  // always move on
-      for (uint64_t off = static_cast<uint64_t>(data); off < stop;) {
-        const std::span<char> piece(buf.data(), std::min<uint64_t>(buf.size(), stop - off));
-        if (absl::Status st = PRead(piece, off); !st.ok()) {
-          if (absl::IsOutOfRange(st)) return std::nullopt;  // it shrank under us
-          return st;
-        }
-        auto it = std::find_if(piece.begin(), piece.end(), [](char c) { return c != 0; });
-        if (it != piece.end()) return off + static_cast<uint64_t>(it - piece.begin());
-        off += piece.size();
-      }
+      absl::StatusOr<std::optional<uint64_t>> found =
+          FirstNonZeroIn(static_cast<uint64_t>(data), stop);
+      if (!found.ok() || found->has_value()) return found;
       pos = stop;
     }
     return std::nullopt;

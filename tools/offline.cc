@@ -355,10 +355,7 @@ int Check(int argc, char** argv) {
   std::vector<std::string> damage;
   uint64_t more_damage = 0;
   auto add_damage = [&](auto... args) {
-    if (damage.size() < kMaxKeptProblems)
-      damage.push_back(absl::StrFormat(args...));
-    else
-      ++more_damage;
+    KeepBounded(damage, more_damage, absl::StrFormat(args...));
   };
   std::vector<bool> slot_used;
   uint64_t slots_named = 0;
@@ -390,12 +387,7 @@ int Check(int argc, char** argv) {
 
   std::vector<std::string> lines = s.problems;
   uint64_t more = s.more_problems + more_damage;
-  for (std::string& d : damage) {
-    if (lines.size() < kMaxKeptProblems)
-      lines.push_back(std::move(d));
-    else
-      ++more;
-  }
+  for (std::string& d : damage) KeepBounded(lines, more, std::move(d));
   if (s.tail_garbage)
     lines.push_back(absl::StrFormat(
         "%s: area %d has non-zero bytes after its last record (%d): the "
