@@ -17,21 +17,8 @@ requires nbdkit --filter=delay null --dump-plugin
 enter_tmpdir
 export tmp
 
-cat > ctl.py <<'PY'
-import socket, sys
-s = socket.socket(socket.AF_UNIX); s.settimeout(60); s.connect(sys.argv[1])
-s.sendall((" ".join(sys.argv[2:]) + "\n").encode())
-buf = b""
-while True:
-    c = s.recv(65536)
-    if not c: sys.exit("ctl: connection closed before OK/ERR: %r" % buf)
-    buf += c
-    done = [l for l in buf.split(b"\n")[:-1] if l == b"OK" or l.startswith(b"ERR")]
-    if done: break
-sys.stdout.write(buf.decode(errors="replace"))
-sys.exit(0 if done[0] == b"OK" else 1)
-PY
-ctl () { python3 "$tmp/ctl.py" "$tmp/ctl" "$@"; }
+# ctl COMMAND...: prints the reply; exit 0 on OK, 1 on ERR.
+ctl () { python3 "$srcdir/control_client.py" "$tmp/ctl" "$@"; }
 ctl_err () {
     local pat=$1 out; shift
     if out=$(ctl "$@"); then echo "expected ERR from: $*"; echo "$out"; exit 1; fi

@@ -14,23 +14,8 @@ requires python3 -c 'import nbd'
 requires nbdkit --filter=blocksize-policy null --version
 enter_tmpdir
 
-# A tiny control client: ctl COMMAND... prints the reply; exit 0 on OK,
-# 1 on ERR.
-cat > ctl.py <<'PY'
-import socket, sys
-s = socket.socket(socket.AF_UNIX); s.settimeout(60); s.connect(sys.argv[1])
-s.sendall((" ".join(sys.argv[2:]) + "\n").encode())
-buf = b""
-while True:
-    c = s.recv(65536)
-    if not c: sys.exit("ctl: connection closed before OK/ERR: %r" % buf)
-    buf += c
-    done = [l for l in buf.split(b"\n")[:-1] if l == b"OK" or l.startswith(b"ERR")]
-    if done: break
-sys.stdout.write(buf.decode(errors="replace"))
-sys.exit(0 if done[0] == b"OK" else 1)
-PY
-ctl () { python3 "$tmp/ctl.py" "$tmp/ctl" "$@"; }
+# ctl COMMAND...: prints the reply; exit 0 on OK, 1 on ERR.
+ctl () { python3 "$srcdir/control_client.py" "$tmp/ctl" "$@"; }
 # ctl_err PATTERN COMMAND...: the command must get ERR matching PATTERN.
 ctl_err () {
     local pat=$1 out; shift
@@ -243,8 +228,8 @@ export tmp
 nbdkit -U - --filter="$FILTER" --filter=blocksize-policy file origin.img \
   blocksize-minimum=4096 blocksize-error-policy=error \
   snapshot-control="$tmp/ctl2" --run '
-  python3 "$tmp/ctl.py" "$tmp/ctl2" take small "$tmp/small.cow" 512 > small.out || true
-  python3 "$tmp/ctl.py" "$tmp/ctl2" take kept "$tmp/kept.cow" 512 > kept.out || true'
+  python3 "$srcdir/control_client.py" "$tmp/ctl2" take small "$tmp/small.cow" 512 > small.out || true
+  python3 "$srcdir/control_client.py" "$tmp/ctl2" take kept "$tmp/kept.cow" 512 > kept.out || true'
 cat small.out kept.out
 grep -q "^ERR .*chunk size 512 is under the origin's minimum block size 4096" small.out
 grep -q "^ERR .*chunk size 512 is under the origin's minimum block size 4096" kept.out

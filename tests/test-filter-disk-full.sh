@@ -111,17 +111,7 @@ head -c 200000 /dev/zero > "$tmp/disk/filler"
 nbdkit -U - --filter="$FILTER" file origin.img \
     snapshot-control="$tmp/ctl" --run '
   take() {
-    python3 -c "
-import socket, sys
-s = socket.socket(socket.AF_UNIX); s.settimeout(60); s.connect(sys.argv[1])
-s.sendall(b\"take t \" + sys.argv[2].encode() + b\"\n\")
-buf = b\"\"
-while not (buf.endswith(b\"OK\n\") or b\"ERR\" in buf):
-    c = s.recv(4096)
-    if not c: break
-    buf += c
-sys.stdout.write(buf.decode())
-" "$tmp/ctl" "$tmp/disk/t.cow"
+    python3 "$srcdir/control_client.py" "$tmp/ctl" take t "$tmp/disk/t.cow" || true
   }
   take > take1.out
   ls -la "$tmp/disk" > ls1.out
