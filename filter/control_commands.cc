@@ -152,7 +152,8 @@ std::string Merge(ControlContext& ctx, const Words& w) {
         "%s is open by %d client(s): merge it once they disconnect", w[1], n));
   if (absl::Status st = s->store->Flush(); !st.ok()) return Err(st.message());
   ctx.engine->StartMerge(s);
-  ctx.merge->Start(*ctx.engine, s, ctx.merge_done);
+  if (!ctx.merge->Start(*ctx.engine, s, ctx.merge_done).ok())
+    return Err(ctx.merge->Describe());
   return absl::StrFormat("%s\nOK\n", ctx.merge->Describe());
 }
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -96,15 +97,26 @@ absl::StatusOr<bool> SnapshotEngine::MergeStep() {
   const size_t workers = std::min<size_t>(kMergeThreads, sorted.size());
   std::vector<absl::Status> results(workers);
   std::vector<std::thread> threads;
+  threads.reserve(workers);
   for (size_t w = 0; w < workers; ++w) {
     auto work = [&, w] {
-      for (size_t i = w; i < sorted.size() && results[w].ok(); i += workers)
-        results[w] = copy(sorted[i]);
+      try {  // an exception would end the process from a worker thread
+        for (size_t i = w; i < sorted.size() && results[w].ok(); i += workers)
+          results[w] = copy(sorted[i]);
+      } catch (const std::exception& e) {
+        results[w] = absl::ResourceExhaustedError(e.what());
+      }
     };
-    if (w + 1 < workers)
-      threads.emplace_back(work);
-    else
-      work();
+    // A worker without a thread (none to be had) copies its share here.
+    bool spawned = false;
+    if (w + 1 < workers) {
+      try {
+        threads.emplace_back(work);
+        spawned = true;
+      } catch (const std::system_error&) {
+      }
+    }
+    if (!spawned) work();
   }
   for (std::thread& t : threads) t.join();
   for (const absl::Status& st : results)

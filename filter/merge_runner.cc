@@ -1,13 +1,16 @@
 #include "filter/merge_runner.h"
 
+#include <system_error>
+
 #include "absl/cleanup/cleanup.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "filter/log.h"
 
 namespace snap {
 
-void MergeRunner::Start(SnapshotEngine& engine, std::shared_ptr<Snapshot> snap,
-                        DoneFn done) {
+absl::Status MergeRunner::Start(SnapshotEngine& engine,
+                                std::shared_ptr<Snapshot> snap, DoneFn done) {
   if (thread_.joinable()) thread_.join();  // an earlier, finished merge
   stop_.store(false);
   running_.store(true);
@@ -21,7 +24,29 @@ void MergeRunner::Start(SnapshotEngine& engine, std::shared_ptr<Snapshot> snap,
   }
   LogMessage(absl::StrFormat("merge of %s started: %d exceptions", snap_->name,
                              initial_));
-  thread_ = std::thread([this] { Run(); });
+  try {
+    thread_ = std::thread([this] { Run(); });
+  } catch (const std::system_error& e) {  // no thread to be had (EAGAIN)
+    absl::Status why = absl::ResourceExhaustedError(
+        absl::StrCat("cannot start the merge thread: ", e.what()));
+    Fail(why);
+    return why;
+  }
+  return absl::OkStatus();
+}
+
+void MergeRunner::Fail(const absl::Status& why) {
+  // Nothing is lost: unmerged chunks still live in the COW and the origin
+  // export still shows them. A restart resumes the merge.
+  snap_->store->set_merge_failed(true);
+  {
+    snap::MutexLock l(&mu_);
+    state_ = absl::StrFormat("merge of %s failed: %s", snap_->name, why.message());
+  }
+  LogError(absl::StrFormat("merge of %s failed: %s; restart nbdkit to resume it",
+                           snap_->name, why.message()));
+  running_.store(false);
+  if (done_) done_(false);
 }
 
 void MergeRunner::Stop() {
@@ -46,19 +71,7 @@ void MergeRunner::Run() {
       }
     }();
     if (!done.ok()) {
-      // Nothing is lost: unmerged chunks still live in the COW and the
-      // origin export still shows them. A restart resumes the merge.
-      snap_->store->set_merge_failed(true);
-      {
-        snap::MutexLock l(&mu_);
-        state_ = absl::StrFormat("merge of %s failed: %s", snap_->name,
-                                 done.status().message());
-      }
-      LogError(absl::StrFormat(
-          "merge of %s failed: %s; restart nbdkit to resume it", snap_->name,
-          done.status().message()));
-      running_.store(false);
-      if (done_) done_(false);
+      Fail(done.status());
       return;
     }
     if (*done) {

@@ -8,6 +8,7 @@
 #include <string>
 #include <thread>
 
+#include "absl/status/status.h"
 #include "store/sync.h"
 #include "filter/snapshot_engine.h"
 
@@ -18,8 +19,11 @@ class MergeRunner {
   using DoneFn = std::function<void(bool ok)>;
   ~MergeRunner() { Stop(); }
 
-  // Starts merging snap (already marked merging in the engine).
-  void Start(SnapshotEngine& engine, std::shared_ptr<Snapshot> snap, DoneFn done);
+  // Starts merging snap (already marked merging in the engine). Without a
+  // thread to merge in, the merge fails as a failed step would (Merge
+  // failed, done called, nothing lost) and the reason comes back.
+  absl::Status Start(SnapshotEngine& engine, std::shared_ptr<Snapshot> snap,
+                     DoneFn done);
   // Asks the thread to stop after its current step, and joins it. A
   // stopped merge resumes on the next start.
   void Stop();
@@ -30,6 +34,8 @@ class MergeRunner {
 
  private:
   void Run();
+  // Marks the merge failed, says why, and tells done.
+  void Fail(const absl::Status& why);
 
   SnapshotEngine* engine_ = nullptr;
   std::shared_ptr<Snapshot> snap_;

@@ -243,7 +243,9 @@ absl::Status StartServing(nbdkit_backend* backend) {
   if (g_config.merge) {
     std::shared_ptr<Snapshot> m = g_engine->Find(*g_config.merge);
     g_engine->StartMerge(m);
-    g_merge.Start(*g_engine, m, &MergeDone);
+    // A merge that cannot start fails as in a step (logged, Merge failed,
+    // resumed by a restart); the exports are served all the same.
+    g_merge.Start(*g_engine, m, &MergeDone).IgnoreError();
   }
   return absl::OkStatus();
 }
