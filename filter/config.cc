@@ -34,9 +34,6 @@ std::string AbsolutePath(const std::string& path) {
   return ec ? path : p.lexically_normal().string();
 }
 
-namespace {
-// One file under two names (a symlink, a hard link, a/../b): its second
-// open would find it locked by this very process.
 bool SameFile(const std::string& a, const std::string& b) {
   if (a == b) return true;
   std::error_code ec, ec2;
@@ -45,7 +42,6 @@ bool SameFile(const std::string& a, const std::string& b) {
   const std::filesystem::path cb = std::filesystem::weakly_canonical(b, ec2);
   return !ec && !ec2 && ca == cb;
 }
-}  // namespace
 
 absl::Status CheckOwnFile(std::string_view given, const std::string& path,
                           std::span<const SnapshotSpec> others) {

@@ -40,6 +40,9 @@ struct FilterConfig {
 
 inline constexpr char kOriginExport[] = "origin";
 
+// One file under two names (a symlink, a hard link, a/../b): its second
+// open would find it locked by this very process.
+bool SameFile(const std::string& a, const std::string& b);
 // An error naming the snapshot among others whose COW file path is.
 absl::Status CheckOwnFile(std::string_view given, const std::string& path,
                           std::span<const SnapshotSpec> others);

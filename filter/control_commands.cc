@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <fstream>
 #include <vector>
 
 #include "absl/cleanup/cleanup.h"
@@ -11,6 +12,7 @@
 #include "absl/strings/str_split.h"
 #include "filter/config.h"
 #include "filter/log.h"
+#include "store/block_file.h"
 #include "store/cow_format.h"
 
 namespace snap {
@@ -24,6 +26,15 @@ std::string Err(absl::string_view why) {
 }
 
 using Words = std::vector<std::string>;
+
+// Whether path begins with a store's header. Not when it is missing, short
+// or unreadable: the open says why, or makes a new store there.
+bool HoldsStoreHeader(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  char header[kHeaderBytes];
+  if (!in.read(header, sizeof header)) return false;
+  return DiskHeader::Decode(header).magic == kSnapMagic;
+}
 
 std::string Status(ControlContext& ctx, const Words&) {
   std::string out;
@@ -52,6 +63,9 @@ std::string List(ControlContext& ctx, const Words&) {
 std::string Take(ControlContext& ctx, const Words& w) {
   const std::string& name = w[1];
   if (absl::Status st = ValidateSnapshotName(name); !st.ok()) return Err(st.message());
+  if (ctx.merge->failed())
+    return Err(absl::StrCat("no snapshot can be taken until the failed merge "
+                            "completes: ", ctx.merge->Describe()));
   if (absl::Status st = ctx.engine->CanTake(); !st.ok()) return Err(st.message());
   if (ctx.engine->Find(name))
     return Err(absl::StrFormat("a snapshot named %s exists already", name));
@@ -65,6 +79,12 @@ std::string Take(ControlContext& ctx, const Words& w) {
     return Err(absl::StrFormat(
         "FILE %s is relative: give an absolute path (nbdsnap -c does that "
         "for you)", file));
+  // Its lock would only say "in use by this very process".
+  for (const auto& s : ctx.engine->List())
+    if (SameFile(s->path, file))
+      return Err(absl::StrFormat(
+          "%s is already snapshot '%s': each snapshot needs its own COW file",
+          file, s->name));
   StoreOptions opts = ctx.defaults;
   if (w.size() >= 4) {
     absl::StatusOr<uint32_t> cs = ParseChunkSize(w[3]);
@@ -78,18 +98,27 @@ std::string Take(ControlContext& ctx, const Words& w) {
   }
   if (opts.type == StoreType::kTransient && opts.chunk_sectors == 0)
     opts.chunk_sectors = kDefaultChunkSectors;
-  // snapshot-cow-size binds take as it binds startup. A missing or empty
-  // file gets the chunk size asked for: check before making it.
-  auto refuse_cap = [&](const absl::Status& st) {
+  auto refuse = [&](const absl::Status& st) {
     return Err(absl::StrCat(file, ": ", st.message()));
   };
   struct stat sb;
   const bool existed = ::stat(file.c_str(), &sb) == 0;
-  if (!existed || sb.st_size == 0) {
-    const uint32_t cs = opts.chunk_sectors != 0 ? opts.chunk_sectors : kDefaultChunkSectors;
-    if (absl::Status st = CheckCowSizeChunks(opts.size_cap, uint64_t{cs} * kSectorBytes);
-        !st.ok())
-      return refuse_cap(st);
+  // Before reading it: a FIFO would block the read.
+  if (existed)
+    if (absl::Status st = CheckStoreFileKind(file, sb.st_mode); !st.ok())
+      return Err(st.message());
+  // A file without a store yet (missing, empty or all zero) gets the chunk
+  // size asked for: whatever refuses that is checked before a header goes
+  // into it, so a refused take leaves the file as it was.
+  if (!HoldsStoreHeader(file)) {
+    const uint64_t chunk =
+        uint64_t{opts.chunk_sectors != 0 ? opts.chunk_sectors : kDefaultChunkSectors} *
+        kSectorBytes;
+    // snapshot-cow-size binds take as it binds startup.
+    if (absl::Status st = CheckCowSizeChunks(opts.size_cap, chunk); !st.ok())
+      return refuse(st);
+    if (absl::Status st = ctx.engine->CheckChunkBytes(name, chunk); !st.ok())
+      return Err(st.message());
   }
   absl::StatusOr<std::unique_ptr<ExceptionStore>> store = OpenStoreFile(file, opts);
   // A file this take made goes again if the take fails (as with nbdsnap
@@ -103,7 +132,7 @@ std::string Take(ControlContext& ctx, const Words& w) {
   if (!store.ok()) return Err(store.status().message());
   // An existing store's header may hold another chunk size.
   if (absl::Status st = CheckCowSize(opts.size_cap, **store); !st.ok())
-    return refuse_cap(st);
+    return refuse(st);
   // A snapshot of the origin now must start empty: old exceptions would
   // describe another moment.
   if ((*store)->exception_count() != 0 || !(*store)->valid())
@@ -125,6 +154,8 @@ std::string Take(ControlContext& ctx, const Words& w) {
 
 std::string Drop(ControlContext& ctx, const Words& w) {
   std::shared_ptr<Snapshot> s = ctx.engine->Find(w[1]);
+  if (s && s->merging.load() && ctx.merge->failed())
+    return Err(absl::StrCat(w[1], " cannot be dropped: ", ctx.merge->Describe()));
   if (absl::Status st = ctx.engine->Remove(w[1]); !st.ok()) return Err(st.message());
   if (s) (void)s->store->Flush();
   LogMessage(absl::StrFormat("dropped snapshot %s (its file %s is kept)", w[1],
@@ -135,6 +166,7 @@ std::string Drop(ControlContext& ctx, const Words& w) {
 std::string Merge(ControlContext& ctx, const Words& w) {
   std::shared_ptr<Snapshot> s = ctx.engine->Find(w[1]);
   if (!s) return Err(absl::StrFormat("no snapshot named %s", w[1]));
+  if (ctx.merge->failed()) return Err(ctx.merge->Describe());
   if (ctx.merge->running() || ctx.engine->merging())
     return Err(absl::StrFormat("%s; only one merge per origin",
                                ctx.merge->Describe()));

@@ -38,13 +38,19 @@ absl::Status MergeRunner::Start(SnapshotEngine& engine,
 void MergeRunner::Fail(const absl::Status& why) {
   // Nothing is lost: unmerged chunks still live in the COW and the origin
   // export still shows them. A restart resumes the merge.
+  // A merge taken up live has no snapshot-merge= in the command line: the
+  // restart needs it (and the snapshot=) to resume, or the origin export
+  // would show a half-merged disk.
   snap_->store->set_merge_failed(true);
+  const std::string state = absl::StrFormat(
+      "merge of %s failed: %s; restart nbdkit with snapshot=%s=%s "
+      "snapshot-merge=%s to resume it",
+      snap_->name, why.message(), snap_->name, snap_->path, snap_->name);
   {
     snap::MutexLock l(&mu_);
-    state_ = absl::StrFormat("merge of %s failed: %s", snap_->name, why.message());
+    state_ = state;
   }
-  LogError(absl::StrFormat("merge of %s failed: %s; restart nbdkit to resume it",
-                           snap_->name, why.message()));
+  LogError(state);
   running_.store(false);
   if (done_) done_(false);
 }
@@ -81,6 +87,7 @@ void MergeRunner::Run() {
       }
       LogMessage(absl::StrFormat("merge of %s complete", snap_->name));
       engine_->FinishMerge();
+      snap_.reset();  // the last hold on its store: the file is let go of
       running_.store(false);
       if (done_) done_(true);
       return;

@@ -27,8 +27,12 @@ class MergeRunner {
   // Asks the thread to stop after its current step, and joins it. A
   // stopped merge resumes on the next start.
   void Stop();
-  // "merging NAME, 42%", "merged NAME", "merge of NAME failed: ...".
+  // "merging NAME, 42%", "merged NAME", "merge of NAME failed: WHY;
+  // restart nbdkit with ... to resume it".
   std::string Describe() const;
+  // The merge failed, and the origin shows its merged view until a
+  // restart resumes it.
+  bool failed() const { return !running() && engine_ != nullptr && engine_->merging(); }
   // A merge thread is running now.
   bool running() const { return running_.load(); }
 

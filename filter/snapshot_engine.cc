@@ -45,12 +45,8 @@ std::string Snapshot::Description() const {
 absl::Status SnapshotEngine::Add(std::shared_ptr<Snapshot> snap) {
   snap::MutexLock gate(&origin_gate_);
   if (absl::Status st = CanTake(); !st.ok()) return st;
-  // Copy-outs read whole chunks from the origin.
-  if (snap->chunk_bytes < origin_.block_min())
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "snapshot %s: its chunk size %d is under the origin's minimum block "
-        "size %d: use a chunk size of at least %d",
-        snap->name, snap->chunk_bytes, origin_.block_min(), origin_.block_min()));
+  if (absl::Status st = CheckChunkBytes(snap->name, snap->chunk_bytes); !st.ok())
+    return st;
   // Acknowledged writes are part of the point in time: they reach the
   // origin before the new snapshot starts taking copy-outs from it.
   behind_.WaitIdle();
@@ -59,6 +55,17 @@ absl::Status SnapshotEngine::Add(std::shared_ptr<Snapshot> snap) {
   std::stable_sort(snaps_.begin(), snaps_.end(), [](const auto& a, const auto& b) {
     return a->chunk_bytes > b->chunk_bytes;
   });
+  return absl::OkStatus();
+}
+
+absl::Status SnapshotEngine::CheckChunkBytes(std::string_view name,
+                                             uint64_t chunk_bytes) const {
+  // Copy-outs read whole chunks from the origin.
+  if (chunk_bytes < origin_.block_min())
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "snapshot %s: its chunk size %d is under the origin's minimum block "
+        "size %d: use a chunk size of at least %d",
+        name, chunk_bytes, origin_.block_min(), origin_.block_min()));
   return absl::OkStatus();
 }
 

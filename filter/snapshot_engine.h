@@ -57,6 +57,8 @@ class SnapshotEngine {
   absl::Status CheckUsable(const Snapshot& s) const;
   // Why a snapshot cannot be taken now (a merge runs), or OK.
   absl::Status CanTake() const;
+  // Why a snapshot of chunk_bytes chunks cannot copy from this origin, or OK.
+  absl::Status CheckChunkBytes(std::string_view name, uint64_t chunk_bytes) const;
   bool origin_writable() const { return origin_.can_write(); }
   std::shared_ptr<Snapshot> Find(std::string_view name) const;
   // Removes a snapshot (not while it merges): origin writes stop copying

@@ -240,6 +240,8 @@ absl::Status StartServing(nbdkit_backend* backend) {
         "write), so nothing can be merged into it",
         *g_config.merge));
   g_engine = std::move(engine);
+  // The engine holds them now: one dropped later lets go of its file.
+  g_opened.clear();
   if (g_config.merge) {
     std::shared_ptr<Snapshot> m = g_engine->Find(*g_config.merge);
     g_engine->StartMerge(m);
@@ -268,7 +270,7 @@ int snapshot_after_fork(nbdkit_backend* backend) {
     control.merge_done = &MergeDone;
     g_control.Start(control);
     nbdkit_debug("snapshot: origin %" PRIu64 " bytes, %zu snapshot(s)%s",
-                 g_origin.size(), g_opened.size(),
+                 g_origin.size(), g_engine->List().size(),
                  g_thread_model < NBDKIT_THREAD_MODEL_PARALLEL
                      ? ", origin calls serialized"
                      : "");

@@ -55,6 +55,10 @@ enum class OpenMode { kReadOnly, kReadWrite, kReadWriteCreate };
 
 // A POSIX file. kReadWriteCreate creates it (0644) when missing, and syncs
 // its directory so that the new name survives a power loss.
+// A store lives in a regular file or on a block device; anything else (a
+// directory, a FIFO, a character device) gets this error.
+absl::Status CheckStoreFileKind(const std::string& path, unsigned mode);
+
 absl::StatusOr<std::unique_ptr<BlockFile>> OpenPosixFile(const std::string& path,
                                                          OpenMode mode);
 

@@ -144,10 +144,16 @@ class PosixFile final : public BlockFile {
     fl.l_whence = SEEK_SET;
     if (::fcntl(fd_, F_OFD_SETLK, &fl) == 0) return absl::OkStatus();
     if (errno != EAGAIN && errno != EACCES) return Err(errno, "lock", 0);
+    const std::string pid = LockHolder();
+    if (pid == std::to_string(::getpid()))
+      return absl::UnavailableError(absl::StrFormat(
+          "%s is in use by this very process already (a store of it is still "
+          "open here): use another file",
+          name_));
     return absl::UnavailableError(absl::StrFormat(
         "%s is in use by another process%s (a running nbdkit or nbdsnap): "
         "stop it first, or use another file",
-        name_, HolderHint()));
+        name_, pid.empty() ? "" : " (pid " + pid + ")"));
   }
 
   const std::string& name() const override { return name_; }
@@ -178,24 +184,25 @@ class PosixFile final : public BlockFile {
  private:
   // OFD locks record no owner (/proc/locks says pid -1), but a process's
   // /proc/PID/fdinfo/FD lists the locks of the open file behind FD. The
-  // holder is the process with our file's write lock there; failing that
-  // (no access to it), the first process found with the file open.
-  std::string HolderHint() const {
+  // holder is the process (this one included, through another open) with
+  // our file's write lock there; failing that (no access to it), the first
+  // process found with the file open.
+  std::string LockHolder() const {
     struct stat st;
     if (::fstat(fd_, &st) != 0) return "";
     const std::string self = std::to_string(::getpid());
+    const std::string own_fd = std::to_string(fd_);
     DIR* proc = ::opendir("/proc");
     if (proc == nullptr) return "";
     std::string holder, opener;
     struct dirent* d;
     while (holder.empty() && (d = ::readdir(proc)) != nullptr) {
-      if (!std::isdigit(static_cast<unsigned char>(d->d_name[0])) ||
-          self == d->d_name)
-        continue;
+      if (!std::isdigit(static_cast<unsigned char>(d->d_name[0]))) continue;
       const std::string pid_dir = std::string("/proc/") + d->d_name;
       DIR* fds = ::opendir((pid_dir + "/fd").c_str());
       if (fds == nullptr) continue;
       while (struct dirent* f = ::readdir(fds)) {
+        if (self == d->d_name && own_fd == f->d_name) continue;  // this open
         struct stat fst;
         if (::stat((pid_dir + "/fd/" + f->d_name).c_str(), &fst) != 0 ||
             fst.st_dev != st.st_dev || fst.st_ino != st.st_ino)
@@ -209,8 +216,7 @@ class PosixFile final : public BlockFile {
       ::closedir(fds);
     }
     ::closedir(proc);
-    const std::string& pid = holder.empty() ? opener : holder;
-    return pid.empty() ? "" : " (pid " + pid + ")";
+    return holder.empty() ? opener : holder;
   }
 
   // An fdinfo file with a line such as
@@ -255,8 +261,22 @@ absl::Status SyncParentDirectory(const std::string& path) {
 
 }  // namespace
 
+absl::Status CheckStoreFileKind(const std::string& path, unsigned mode) {
+  if (S_ISDIR(mode))
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s is a directory, not a COW file", path));
+  if (!S_ISREG(mode) && !S_ISBLK(mode))
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s is not a regular file or a block device", path));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<BlockFile>> OpenPosixFile(const std::string& path,
                                                          OpenMode mode) {
+  // Before opening: a FIFO opened for reading would wait for a writer.
+  if (struct stat st; ::stat(path.c_str(), &st) == 0)
+    if (absl::Status kind = CheckStoreFileKind(path, st.st_mode); !kind.ok())
+      return kind;
   int flags = O_CLOEXEC;
   switch (mode) {
     case OpenMode::kReadOnly: flags |= O_RDONLY; break;

@@ -1,6 +1,6 @@
 # Shared helpers for the shell tests, in the style of nbdkit's own
 # tests/functions.sh: cleanup_fn, requires, start_nbdkit, kill_nbdkit,
-# absent.
+# absent, wait_merged.
 # Source it first:  source "$srcdir/functions.sh"; set -e; set -x
 
 # absent PATTERN FILE: fails the test if a line of FILE matches PATTERN.
@@ -11,6 +11,21 @@ absent () {
         grep -- "$1" "$2" >&2
         exit 1
     fi
+}
+
+# wait_merged NAME: polls the test's `ctl status` (its control client)
+# into status.out until it says "merged NAME" (up to 2 minutes); fails at
+# once when the merge failed or the control socket stops answering.
+wait_merged () {
+    local i
+    for i in $(seq 1200); do
+        ctl status > status.out || { cat status.out; return 1; }
+        grep -q "merged $1\$" status.out && return 0
+        grep -q 'failed' status.out && { cat status.out; return 1; }
+        sleep 0.1
+    done
+    cat status.out
+    return 1
 }
 
 _cleanup_hook=()

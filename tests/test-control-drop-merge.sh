@@ -152,15 +152,8 @@ fi
 # The origin export shows the merged view at once.
 nbdcopy "$uri" during.img
 cmp m1.img during.img
-# Poll status until the merge is done.
-for i in $(seq 1200); do
-  ctl status > status.out
-  grep -q 'merged m1' status.out && break
-  grep -q 'failed' status.out && { cat status.out; exit 1; }
-  sleep 0.1
-done
+wait_merged m1
 cat status.out
-grep -q 'merged m1' status.out
 absent '^m1' status.out
 ctl list > list.out; absent '^m1 ' list.out
 [ "$(exports)" = "origin other trans" ]
@@ -173,12 +166,7 @@ nbdcopy "nbd+unix:///trans?socket=$tmp/sock" trans.img
 cmp at-other.img trans.img
 # A merge after the first one completed is allowed.
 ctl merge other
-for i in $(seq 1200); do
-  ctl status > status.out
-  grep -q 'merged other' status.out && break
-  sleep 0.1
-done
-grep -q 'merged other' status.out
+wait_merged other
 nbdcopy "$uri" merged2.img
 cmp at-other.img merged2.img
 # The data reached origin.img itself.

@@ -113,7 +113,14 @@ if cmp -s origin-now.img t1.img; then echo "origin did not change"; exit 1; fi
 # copy of it not in use, a file of random bytes); bad arguments.
 ctl_err 'exists already' take t1 "$tmp/other.cow"
 [ ! -s other.cow ]
-ctl_err '' take t2 "$tmp/t1.cow"
+ctl_err "$tmp/t1.cow is already snapshot 't1'" take t2 "$tmp/t1.cow"
+ln -s t1.cow link.cow
+ctl_err "$tmp/link.cow is already snapshot 't1'" take t2 "$tmp/link.cow"
+# Not a regular file or a block device: refused at once, with that said
+# (before: "Illegal seek" or "Invalid argument" from a write or a sync).
+mkfifo fifo
+ctl_err "$tmp/fifo is not a regular file or a block device" take t2 "$tmp/fifo"
+ctl_err "/dev/null is not a regular file or a block device" take t2 /dev/null
 nbdsh -u "nbd+unix:///t1?socket=$tmp/sock" -c 'h.flush()'
 cp t1.cow t1-copy.cow
 sha_copy=$(sha256sum < t1-copy.cow)
@@ -206,6 +213,13 @@ rc=0; out=$(ctl take h "$tmp/h1m.cow") || rc=$?
 [ $rc -eq 1 ]
 [ "$out" = "ERR $tmp/h1m.cow: $msg" ]
 [ "$(sha256sum < h1m.cow)" = "$sha" ]
+# A file that is there, all zero (no store yet): refused the same way,
+# and left all zero (before: a header was written into it).
+truncate -s 4M zero.cow
+rc=0; out=$(ctl take z "$tmp/zero.cow" 1M) || rc=$?
+[ $rc -eq 1 ]
+[ "$out" = "ERR $tmp/zero.cow: $msg" ]
+cmp zero.cow <(head -c 4M /dev/zero)
 [ "$(ctl list)" = OK ]
 # The same cap at startup, same words.
 rc=0
@@ -218,12 +232,11 @@ grep -q "snapshot=$tmp/h1m.cow: $msg" err
 ctl take fits "$tmp/fits.cow" 256k
 nbdsh -u "nbd+unix:///fits?socket=$tmp/sock" -c 'h.pwrite(b"f" * 4096, 0); h.flush()'
 
-# A take that fails after making its file removes the file again (as
-# nbdsnap create does): here the chunk is under the plugin's minimum
-# block size, which only the engine checks, once the store is made.
-# Before, a new, empty store was left behind. A file that was there
-# before stays (holding the new, empty store).
-: > kept.cow
+# A take refused for a chunk under the plugin's minimum block size makes
+# no file (before: a new, empty store was made, then removed again), and
+# leaves a file that was there as it was (before: it kept a new, empty
+# store's header).
+truncate -s 1M kept.cow
 export tmp
 nbdkit -U - --filter="$FILTER" --filter=blocksize-policy file origin.img \
   blocksize-minimum=4096 blocksize-error-policy=error \
@@ -234,4 +247,4 @@ cat small.out kept.out
 grep -q "^ERR .*chunk size 512 is under the origin's minimum block size 4096" small.out
 grep -q "^ERR .*chunk size 512 is under the origin's minimum block size 4096" kept.out
 [ ! -e small.cow ]
-[ -e kept.cow ]
+cmp kept.cow <(head -c 1M /dev/zero)

@@ -75,7 +75,7 @@ cmp t1.img t1-again.img
 rc=0; "$NBDSNAP" -c ctl take t1 other.cow 2> err || rc=$?
 [ $rc -eq 1 ]; grep -q 'exists already' err
 rc=0; "$NBDSNAP" -c ctl take t2 t1.cow 2> err || rc=$?
-[ $rc -eq 1 ]; grep -q 'in use' err
+[ $rc -eq 1 ]; grep -q "is already snapshot 't1'" err
 rc=0; "$NBDSNAP" -c ctl take 2> err || rc=$?
 [ $rc -eq 2 ]
 rc=0; "$NBDSNAP" -c ctl take t4 t4.cow --chunk-size 64k --store nope 2> err || rc=$?

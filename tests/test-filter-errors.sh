@@ -106,6 +106,13 @@ test ! -e a.cow -a ! -e b.cow -a ! -e x.cow -a ! -e origin.cow
 ln -s a.cow link.cow
 refused "link.cow is given twice" snapshot=a=a.cow snapshot=b=link.cow
 rm -f link.cow a.cow
+# Neither a regular file nor a block device: said so (before: "Illegal
+# seek" from a write into a FIFO, "Invalid argument" from a sync of
+# /dev/null).
+mkfifo fifo.cow
+refused "fifo.cow is not a regular file or a block device" snapshot=fifo.cow
+refused "/dev/null is not a regular file or a block device" snapshot=/dev/null
+rm -f fifo.cow
 
 # ------------------------------------------------------------ COW files
 # refused_file PATTERN FILE [ARGS...]: FILE is refused and left unchanged.

@@ -14,6 +14,8 @@
 #       with nbdcopy, and its extents call nothing zero that is not (part
 #       of m's data lies in a hole of the origin file); a write into a chunk that
 #       is still in m's COW works and reads back; the sibling s is intact;
+#       merge, take and drop on the control socket are refused with the
+#       command line that resumes the merge;
 #     * after the inject file is gone, a restart with the same parameters
 #       completes the merge (exit 0): origin == m's view plus that write.
 #  B. Failing half way (inject created once the merge has made progress,
@@ -192,7 +194,7 @@ if [ -x "$NBDSNAP" ]; then
     timeout 60 "$NBDSNAP" -c a1b.ctl merge m --wait > a1b.out 2> a1b.err || rc=$?
     cat a1b.out a1b.err
     [ $rc -eq 1 ] || fail "A1b: merge --wait of a failing merge exited $rc, not 1"
-    grep -Eqx 'nbdsnap: origin: [0-9]+ bytes; merge of m failed: origin write at offset [0-9]+ failed: Input/output error' a1b.err ||
+    grep -Eqx 'nbdsnap: origin: [0-9]+ bytes; merge of m failed: origin write at offset [0-9]+ failed: Input/output error; restart nbdkit with snapshot=m=/[^ ]*/m.cow snapshot-merge=m to resume it' a1b.err ||
         fail "A1b: stderr is not the failed merge's status line"
     kill_nbdkit "$(cat pid)"
 fi
@@ -201,8 +203,24 @@ fi
 # _exit left its socket behind.)
 rm -f "$sock"
 start_nbdkit -P pid -U "$sock" --filter="$FILTER" --filter=error file origin.img \
-    snapshot=m=m.cow snapshot=s=s.cow snapshot-merge=m "${errargs[@]}"
+    snapshot=m=m.cow snapshot=s=s.cow snapshot-merge=m "${errargs[@]}" \
+    snapshot-control="$tmp/a2.ctl"
 wait_desc 'Merge failed' || fail "A2: the description never said Merge failed"
+# On the control socket, each refusal the failed merge causes says how to
+# resume it (before: "only one merge per origin", "once the merge is
+# done", neither of which a wait would change).
+a2ctl () { python3 "$srcdir/control_client.py" "$tmp/a2.ctl" "$@"; }
+resume='restart nbdkit with snapshot=m=/[^ ]*/m.cow snapshot-merge=m to resume it$'
+a2ctl merge m > a2-merge.txt && fail "A2: a second merge was accepted"
+grep -Eq "^ERR merge of m failed: .*; $resume" a2-merge.txt ||
+    fail "A2: merge again: $(cat a2-merge.txt)"
+a2ctl take x "$tmp/x.cow" > a2-take.txt && fail "A2: a take was accepted"
+grep -Eq "^ERR no snapshot can be taken until the failed merge completes: merge of m failed: .*; $resume" a2-take.txt ||
+    fail "A2: take: $(cat a2-take.txt)"
+[ ! -e x.cow ] || fail "A2: the refused take made x.cow"
+a2ctl drop m > a2-drop.txt && fail "A2: the merging snapshot was dropped"
+grep -Eq "^ERR m cannot be dropped: merge of m failed: .*; $resume" a2-drop.txt ||
+    fail "A2: drop: $(cat a2-drop.txt)"
 nbdinfo --list "$(uri)" > a2-list.txt
 cat a2-list.txt
 grep -q 'description: origin.*merge of m failed' a2-list.txt ||

@@ -66,15 +66,10 @@ serve
 rm -f nothreads.log
 echo 2 > nothreads
 ctl merge m
-for i in $(seq 300); do
-    ctl status > status.txt || break
-    grep -q 'merged m' status.txt && break
-    sleep 0.1
-done
+rc=0; wait_merged m || rc=$?
 rm nothreads
-cat status.txt
+[ $rc -eq 0 ]
 _pid_alive "$(cat pid)"
-grep -q 'merged m' status.txt
 test -s nothreads.log   # the shim did fail threads
 nbdcopy "nbd+unix:///origin?socket=$sock" a-origin.img
 cmp a-origin.img m-view.img
