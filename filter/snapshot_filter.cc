@@ -193,8 +193,11 @@ int snapshot_config_complete(nbdkit_next_config_complete* next,
                      std::string(st.message()).c_str());
         return -1;
       }
+      // Shown without -v: bytes past an area's last record, duplicate
+      // records, a header overriding the chunk size asked for. (nbdkit
+      // 1.32 has no warning level.)
       for (const std::string& note : (*store)->notes())
-        nbdkit_debug("snapshot: %s", note.c_str());
+        nbdkit_error("snapshot: warning: %s", note.c_str());
       auto snap = std::make_shared<Snapshot>(spec.name, spec.path, std::move(*store));
       if (!snap->store->valid())
         nbdkit_debug("snapshot: %s is invalid: %s", spec.name.c_str(),

@@ -184,6 +184,24 @@ nbdkit -U - --filter="$FILTER" file origin.img snapshot=n=$tmp/n.cow \
 python3 -c 'assert not any(open("n.cow", "rb").read())'
 accepted snapshot=n=$tmp/n.cow snapshot-store=N snapshot-chunk-size=4k
 
+# What the scan of a store notes is shown without -v (before: only as a
+# debug message): records after a zeroed one (bytes past an area's last
+# record, which the kernel ignores too), and a header overriding the
+# chunk size asked for.
+python3 -c '
+import struct
+cb = 4096
+img = bytearray(8 * cb)
+img[0:16] = struct.pack("<IIII", 0x70416e53, 1, 1, 8)
+for i, (o, n) in enumerate([(0, 2), (1, 3), (0, 0), (3, 5), (4, 6)]):
+    img[cb + 16 * i:cb + 16 * i + 16] = struct.pack("<QQ", o, n)
+open("gap.cow", "wb").write(img)'
+nbdkit -U - --filter="$FILTER" file origin.img snapshot=gap=$tmp/gap.cow \
+    snapshot-chunk-size=64k --run true 2> gap.err
+cat gap.err
+grep -q "warning: .*gap.cow: area 0 has non-zero bytes after its last record (2)" gap.err
+grep -q "warning: .*gap.cow: chunk size 8 sectors in the header overrides the requested 128" gap.err
+
 # ------------------------------------------------------------ exports
 # An unknown export: the client is refused, nbdkit's log lists the exports.
 rm -f u.cow w.cow
