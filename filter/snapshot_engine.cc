@@ -576,6 +576,13 @@ absl::Status SnapshotEngine::SnapFlush(Snapshot& s) {
 void SnapshotEngine::SnapClassify(
     Snapshot& s, uint64_t length, uint64_t offset,
     const std::function<void(uint64_t, uint64_t, bool)>& piece) {
+  if (length == 0) return;
+  // Held until every piece is handled, as a read holds them: an origin
+  // write would otherwise copy a chunk out and change the origin between
+  // "on the origin" and the origin's extents, which would then call the
+  // snapshot's old data a hole (and nbdcopy would skip it).
+  ChunkLockGuard guard(s.locks, ChunkLockGuard::kShared, offset >> s.shift,
+                       (offset + length - 1) >> s.shift);
   const uint64_t end = offset + length;
   uint64_t pos = offset;
   while (pos < end) {

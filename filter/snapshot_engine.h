@@ -91,7 +91,8 @@ class SnapshotEngine {
   absl::Status SnapTrim(Snapshot& s, uint64_t length, uint64_t offset);
   absl::Status SnapFlush(Snapshot& s);
   // Splits [offset, offset+length) into pieces that live in the COW
-  // (in_cow) or still on the origin.
+  // (in_cow) or still on the origin, holding the chunks still (no copy-out,
+  // so the origin does not change under them) until every piece is handled.
   void SnapClassify(Snapshot& s, uint64_t length, uint64_t offset,
                     const std::function<void(uint64_t off, uint64_t len,
                                              bool in_cow)>& piece);
