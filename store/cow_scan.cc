@@ -36,21 +36,44 @@ absl::StatusOr<CowScan> ScanCow(
   if (!size.ok()) return size.status();
   scan.file_size = *size;
   const std::string& name = file.name();
+  // Whether the file ends before byte end. A running nbdkit may be growing
+  // it: it writes a record (or fills the area before a new one) only once
+  // the file holds what the record names, so a size read after the record
+  // never falls short of it. The size read first can: it is read again,
+  // once per read of metadata, before anything is judged past the end.
+  bool size_read_since_metadata = true;
+  auto past_end = [&](uint64_t end) -> absl::StatusOr<bool> {
+    if (end <= scan.file_size) return false;
+    if (!size_read_since_metadata) {
+      absl::StatusOr<uint64_t> now = file.Size();
+      if (!now.ok()) return now.status();
+      scan.file_size = std::max(scan.file_size, *now);
+      size_read_since_metadata = true;
+    }
+    return end > scan.file_size;
+  };
 
   if (scan.file_size < kHeaderBytes) {
     absl::StatusOr<std::optional<uint64_t>> used = FirstUsedByte(file);
     if (!used.ok()) return used.status();
     if (!used->has_value()) {
       scan.is_new = true;
-    } else {
+      return scan;
+    }
+    // Data, in a file too short for a header, or a store made since.
+    size_read_since_metadata = false;
+    absl::StatusOr<bool> short_header = past_end(kHeaderBytes);
+    if (!short_header.ok()) return short_header.status();
+    if (*short_header) {
       (void)problem(absl::StrFormat(
           "%s: truncated in the header (%d bytes, a header needs %d)", name,
           scan.file_size, kHeaderBytes));
+      return scan;
     }
-    return scan;
   }
   char hdr[kHeaderBytes];
   if (absl::Status st = file.PRead(hdr, 0); !st.ok()) return st;
+  size_read_since_metadata = false;
   scan.header = DiskHeader::Decode(hdr);
   const DiskHeader& h = scan.header;
   if (h.magic == 0) {
@@ -77,7 +100,9 @@ absl::StatusOr<CowScan> ScanCow(
   }
   const Geometry geo(h.chunk_sectors);
   const uint64_t cb = geo.chunk_bytes();
-  if (scan.file_size < cb) {
+  absl::StatusOr<bool> short_chunk = past_end(cb);
+  if (!short_chunk.ok()) return short_chunk.status();
+  if (*short_chunk) {
     (void)problem(absl::StrFormat(
         "%s: truncated in the header chunk (%d bytes, chunk size is %d)", name,
         scan.file_size, cb));
@@ -91,7 +116,9 @@ absl::StatusOr<CowScan> ScanCow(
   uint64_t prev_new = 0;
   for (uint64_t area = 0;; ++area) {
     const uint64_t chunk = geo.AreaChunk(area);
-    if ((chunk + 1) * cb > scan.file_size) {
+    absl::StatusOr<bool> short_area = past_end((chunk + 1) * cb);
+    if (!short_area.ok()) return short_area.status();
+    if (*short_area) {
       (void)problem(absl::StrFormat(
           "%s: truncated in metadata area %d (chunk %d ends at byte %d, the "
           "file has %d)",
@@ -100,6 +127,7 @@ absl::StatusOr<CowScan> ScanCow(
       return scan;
     }
     if (absl::Status st = file.PRead(buf, chunk * cb); !st.ok()) return st;
+    size_read_since_metadata = false;
     uint64_t i = 0;
     for (; i < epa; ++i) {
       DiskRecord r = DiskRecord::Decode(buf.data() + i * kRecordBytes);
@@ -116,7 +144,11 @@ absl::StatusOr<CowScan> ScanCow(
           return scan;
         continue;
       }
-      if (r.new_chunk >= scan.file_size / cb) {
+      // new_chunk is anything a damaged file holds: no overflow.
+      absl::StatusOr<bool> short_data = past_end(
+          r.new_chunk < UINT64_MAX / cb - 1 ? (r.new_chunk + 1) * cb : UINT64_MAX);
+      if (!short_data.ok()) return short_data.status();
+      if (*short_data) {
         if (problem(absl::StrFormat(
                 "%s: area %d record %d points at chunk %d, past the end of "
                 "the file (%d whole chunks): the file is truncated",

@@ -308,8 +308,14 @@ int Info(int argc, char** argv) {
   } else {
     // The store itself, read-only: the status is the filter's own.
     StoreOptions opts{.read_only = true};
+    BlockFile& raw = **file;
     absl::StatusOr<std::unique_ptr<ExceptionStore>> store = OpenStore(std::move(*file), opts);
     if (!store.ok()) return Fail(Message(store.status()));
+    // A running nbdkit may have grown the file since ReadHeader: the size
+    // read after the store never falls short of what the store uses.
+    absl::StatusOr<uint64_t> size = raw.Size();
+    if (!size.ok()) return Fail(Message(size.status()));
+    r.file_size = *size;
     const ExceptionStore& s = **store;
     r.valid = s.valid();
     r.chunk_sectors = s.chunk_sectors();
