@@ -78,8 +78,18 @@ rc=0; "$NBDSNAP" -c ctl take t2 t1.cow 2> err || rc=$?
 [ $rc -eq 1 ]; grep -q "is already snapshot 't1'" err
 rc=0; "$NBDSNAP" -c ctl take 2> err || rc=$?
 [ $rc -eq 2 ]
+# Option values are checked as create checks them (a usage error, exit 2)
+# and sent as read: a newline in one started a second command (here a
+# drop of t1, which the status below would miss).
 rc=0; "$NBDSNAP" -c ctl take t4 t4.cow --chunk-size 64k --store nope 2> err || rc=$?
-[ $rc -eq 1 ]; grep -q 'P, PO or N' err; [ ! -e t4.cow ]
+[ $rc -eq 2 ]; grep -q 'P, PO or N' err; [ ! -e t4.cow ]
+rc=0; "$NBDSNAP" -c ctl take t4 t4.cow --chunk-size 3k 2> err || rc=$?
+[ $rc -eq 2 ]; grep -q 'not a power of two' err; [ ! -e t4.cow ]
+rc=0; "$NBDSNAP" -c ctl take t4 t4.cow --chunk-size $'64k\ndrop t1' 2> err || rc=$?
+[ $rc -eq 2 ]; grep -q 'control character' err; [ ! -e t4.cow ]
+rc=0; "$NBDSNAP" -c ctl take t4 t4.cow --chunk-size 64k --store $'P\ndrop t1' 2> err || rc=$?
+[ $rc -eq 2 ]; grep -q 'control character' err; [ ! -e t4.cow ]
+"$NBDSNAP" -c ctl list | grep -q '^t1 '
 "$NBDSNAP" -c ctl take t3 t3.cow --chunk-size 64k --store N
 "$NBDSNAP" -c ctl list | tee list.txt
 grep -q "^t3 $tmp/t3.cow N 65536 " list.txt

@@ -73,6 +73,16 @@ usage_error help status extra
 usage_error -c sock status --wait
 usage_error -c sock take "a b" f.cow
 usage_error -c sock take a $'f\ndrop a'
+# take's option values, checked as create's are, before any connection.
+usage_error -c sock take a f.cow --chunk-size 3k
+grep -q 'not a power of two' err
+usage_error -c sock take a f.cow --chunk-size 64k --store Q
+grep -q 'P, PO or N' err
+usage_error -c sock take a f.cow --chunk-size $'64k\ndrop a'
+grep -Fq "'64k\\ndrop a' contains a control character" err
+usage_error -c sock take a f.cow --chunk-size 64k --store $'P\r'
+usage_error create --chunk-size $'4k\n' f.cow
+[ ! -e f.cow ]
 
 # -c to a socket nobody listens on: exit 3, and what to check.
 rc=0; "$NBDSNAP" -c "$tmp/none.sock" status 2> err || rc=$?

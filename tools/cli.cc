@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_format.h"
 
 namespace snap::cli {
@@ -37,6 +38,14 @@ void CommandLine::AddString(const char* name, const char* arg, const char* help)
 const CommandLine::Option* CommandLine::Find(const char* name) const {
   for (const Option& o : options_)
     if (o.name == name) return &o;
+  return nullptr;
+}
+
+const CommandLine::Option* CommandLine::FindControlCharacter() const {
+  for (const Option& o : options_)
+    if (o.string_value != nullptr)
+      for (const char* p = o.string_value; *p != '\0'; ++p)
+        if (static_cast<unsigned char>(*p) < ' ' || *p == 0x7f) return &o;
   return nullptr;
 }
 
@@ -90,6 +99,10 @@ std::optional<int> CommandLine::Parse(int argc, char** argv) {
     std::fputs(text, stdout);
     g_free(text);
     result = kOk;
+  } else if (const Option* bad = FindControlCharacter()) {
+    result = UsageError(absl::StrFormat(
+        "--%s '%s' contains a control character, which no value holds: remove it",
+        bad->name, absl::CHexEscape(bad->string_value)));
   } else {
     args_.clear();
     bool options_ended = false;

@@ -39,7 +39,7 @@ class CommandLine {
 
   // Parses argv (argv[0] is the command's name). nullopt: go on and run
   // the command; otherwise exit with that code (help shown, or a usage
-  // error reported).
+  // error reported: an option's value with a control character is one).
   std::optional<int> Parse(int argc, char** argv);
 
   bool flag(const char* name) const;
@@ -58,6 +58,9 @@ class CommandLine {
     gchar* string_value = nullptr;  // g_free'd by the destructor
   };
   const Option* Find(const char* name) const;
+  // An option whose value holds a control character (none is a valid
+  // value, a newline would end the line a live command sends), or null.
+  const Option* FindControlCharacter() const;
 
   std::string command_, params_, summary_;
   std::vector<Option> options_;

@@ -18,6 +18,8 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "store/cow_format.h"
+#include "store/exception_store.h"
 #include "tools/cli.h"
 #include "tools/json.h"
 
@@ -192,8 +194,18 @@ int RunOnline(const char* socket_path, int argc, char** argv) {
       return cl.UsageError(absl::StrFormat("cannot make %s absolute: %s", args[1],
                                            ec.message()));
     line = absl::StrCat("take ", args[0], " ", file.lexically_normal().string());
-    if (chunk) absl::StrAppend(&line, " ", *chunk);
-    if (store) absl::StrAppend(&line, " ", *store);
+    // Read as create reads them, and sent as read: the server gets one
+    // word it accepts, never the text as typed.
+    if (chunk) {
+      absl::StatusOr<uint32_t> cs = ParseChunkSize(*chunk);
+      if (!cs.ok()) return cl.UsageError(std::string(cs.status().message()));
+      absl::StrAppend(&line, " ", uint64_t{*cs} * kSectorBytes);
+    }
+    if (store) {
+      absl::StatusOr<StoreType> type = ParseStoreType(*store);
+      if (!type.ok()) return cl.UsageError(std::string(type.status().message()));
+      absl::StrAppend(&line, " ", std::string(StoreTypeName(*type)));
+    }
   } else {
     if (args.size() != 1) return cl.UsageError(cmd + " needs NAME");
     line = absl::StrCat(cmd, " ", args[0]);
