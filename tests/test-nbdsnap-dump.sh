@@ -40,11 +40,26 @@ cp a.cow dup.cow
 python3 -c '
 import struct
 f = open("dup.cow", "r+b"); f.seek(512 + 16 * 5); f.write(struct.pack("<Q", 1000))'
-"$NBDSNAP" dump dup.cow > dump.txt
+"$NBDSNAP" dump dup.cow > dump.txt 2> err
 grep -q '^# .* exceptions=39 ' dump.txt
 [ "$(grep -c '^area ' dump.txt)" -eq 40 ]
 grep -Fx 'area 0 index 5: origin chunk 1000 -> cow chunk 7 (duplicate, ignored)' dump.txt
 [ "$(grep -c 'duplicate' dump.txt)" -eq 1 ]
+# ... and, as check calls it damage, a warning on stderr says so.
+cat err
+[ "$(wc -l < err)" -eq 1 ]
+grep -q '^nbdsnap: warning: dup.cow: 1 records repeat an origin chunk.*nbdsnap check' err
+# So are bytes after the last record: the records are listed, with a
+# warning. A clean store warns of nothing.
+cp a.cow junk.cow
+python3 -c '
+f = open("junk.cow", "r+b"); f.seek(34 * 512 + 16 * 20); f.write(b"junk")'
+"$NBDSNAP" dump junk.cow > dump.txt 2> err
+cat err
+[ "$(grep -c '^area ' dump.txt)" -eq 40 ]
+grep -q '^nbdsnap: warning: junk.cow: area 1 has non-zero bytes after its last record' err
+"$NBDSNAP" dump a.cow > /dev/null 2> err
+[ ! -s err ]
 
 # Empty, new and invalid stores: comments only.
 make_cow e.cow 8 0
