@@ -90,6 +90,7 @@ rc=0; "$NBDSNAP" -c ctl take t4 t4.cow --chunk-size $'64k\ndrop t1' 2> err || rc
 rc=0; "$NBDSNAP" -c ctl take t4 t4.cow --chunk-size 64k --store $'P\ndrop t1' 2> err || rc=$?
 [ $rc -eq 2 ]; grep -q 'control character' err; [ ! -e t4.cow ]
 "$NBDSNAP" -c ctl list | grep -q '^t1 '
+"$NBDSNAP" --control=ctl list | grep -q '^t1 '
 "$NBDSNAP" -c ctl take t3 t3.cow --chunk-size 64k --store N
 "$NBDSNAP" -c ctl list | tee list.txt
 grep -q "^t3 $tmp/t3.cow N 65536 " list.txt

@@ -84,7 +84,17 @@ usage_error -c sock take a f.cow --chunk-size 64k --store $'P\r'
 usage_error create --chunk-size $'4k\n' f.cow
 [ ! -e f.cow ]
 
-# -c to a socket nobody listens on: exit 3, and what to check.
-rc=0; "$NBDSNAP" -c "$tmp/none.sock" status 2> err || rc=$?
-[ $rc -eq 3 ]
-grep -q "^nbdsnap: cannot reach $tmp/none.sock: .*snapshot-control=" err
+# -c to a socket nobody listens on: exit 3, and what to check; -cSOCKET,
+# --control SOCKET and --control=SOCKET are the same.
+for c in "-c $tmp/none.sock" "-c$tmp/none.sock" "--control $tmp/none.sock" \
+         "--control=$tmp/none.sock"; do
+    rc=0; "$NBDSNAP" $c status 2> err || rc=$?
+    cat err
+    [ $rc -eq 3 ]
+    grep -q "^nbdsnap: cannot reach $tmp/none.sock: .*snapshot-control=" err
+done
+usage_error --control=
+usage_error --control= status
+usage_error --control=sock
+usage_error -csock
+usage_error -csock take a f.cow --chunk-size 3k

@@ -1,6 +1,7 @@
 // nbdsnap: create and inspect dm-snapshot COW files offline, and (with -c)
 // drive a running filter through its control socket.
 #include <cstdio>
+#include <cstring>
 #include <string>
 
 #include "absl/strings/str_format.h"
@@ -57,10 +58,21 @@ int RunCommand(const std::string& cmd, int argc, char** argv) {
 int main(int argc, char** argv) {
   if (argc < 2) return UsageError("no command given");
   const std::string cmd = argv[1];
+  // -c SOCKET, -cSOCKET, --control SOCKET or --control=SOCKET; first.
+  const char* socket = nullptr;
+  int command_at = 2;
   if (cmd == "-c" || cmd == "--control") {
-    if (argc < 3) return UsageError("-c needs a SOCKET and a live command");
-    if (argc < 4) return UsageError("-c SOCKET needs a live command");
-    return snap::RunOnline(argv[2], argc - 3, argv + 3);
+    socket = argc > 2 ? argv[2] : "";
+    command_at = 3;
+  } else if (cmd.starts_with("--control=")) {
+    socket = argv[1] + std::strlen("--control=");
+  } else if (cmd.starts_with("-c")) {
+    socket = argv[1] + 2;
+  }
+  if (socket != nullptr) {
+    if (*socket == '\0') return UsageError("-c needs a SOCKET and a live command");
+    if (argc <= command_at) return UsageError("-c SOCKET needs a live command");
+    return snap::RunOnline(socket, argc - command_at, argv + command_at);
   }
   if (cmd == "--help" || cmd == "-h" || cmd == "help") {
     if (cmd == "help" && argc == 3) {
