@@ -20,9 +20,11 @@ expect_rc () {
 
 # At each chunk size (as bytes and with suffixes): the header chunk and an
 # empty area 0, nothing else; info agrees, status "2cs/total 2cs".
-for size in 512 4k 64K 1M default; do
+# Every suffix the man page lists (b, k, M, G, T in either case) is one.
+for size in 512 4k 64K 1M 1024b 8192B 2m default; do
     case $size in
         512) cb=512 ;; 4k) cb=4096 ;; 64K) cb=65536 ;; 1M) cb=1048576 ;;
+        1024b) cb=1024 ;; 8192B) cb=8192 ;; 2m) cb=2097152 ;;
         default) cb=65536 ;;  # kDefaultChunkSectors, store/cow_format.h
     esac
     cs=$((cb / 512))
@@ -137,6 +139,7 @@ wait $locker
 # Usage errors exit 2 and create nothing; a path that cannot be made, 1.
 for args in "" "a.cow b.cow" "--chunk-size 3k u.cow" "--chunk-size 0 u.cow" \
             "--chunk-size 2G u.cow" "--chunk-size 1000 u.cow" \
+            "--chunk-size 1t u.cow" "--chunk-size 1g1 u.cow" \
             "--chunk-size 4x u.cow" "--chunk-size u.cow" "--store X u.cow" \
             "--store PX u.cow" "--store nope u.cow" "--store poo u.cow" \
             "--nosuch u.cow"; do

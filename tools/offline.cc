@@ -98,7 +98,7 @@ int Create(int argc, char** argv) {
                  "empty\nmetadata area, as the kernel writes them. FILE may be missing, "
                  "empty or\nall zero; anything else needs --force.");
   const std::string chunk_help = absl::StrFormat(
-      "Bytes, k/M/G suffixes; power of 2, 512..1G (default %s)",
+      "Bytes, b/k/M/G/T suffixes; power of 2, 512..1G (default %s)",
       Bytes(uint64_t{kDefaultChunkSectors} * kSectorBytes));
   cl.AddString("chunk-size", "SIZE", chunk_help.c_str());
   cl.AddString("store", "TYPE", "P, PO or N (default P)");
