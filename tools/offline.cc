@@ -42,22 +42,12 @@ std::string Bytes(uint64_t n) {
   return absl::StrFormat("%d bytes", n);
 }
 
-// Files nbdsnap reads: regular files and block devices, nothing else.
-absl::Status CheckKind(const std::string& path, const struct stat& st) {
-  if (S_ISDIR(st.st_mode))
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s is a directory, not a COW file", path));
-  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s is not a regular file or a block device", path));
-  return absl::OkStatus();
-}
 
 absl::StatusOr<std::unique_ptr<BlockFile>> OpenInput(const std::string& path) {
   struct stat st;
   if (::stat(path.c_str(), &st) != 0)
     return absl::ErrnoToStatus(errno, absl::StrFormat("cannot open %s", path));
-  if (absl::Status s = CheckKind(path, st); !s.ok()) return s;
+  if (absl::Status s = CheckStoreFileKind(path, st.st_mode); !s.ok()) return s;
   return OpenPosixFile(path, OpenMode::kReadOnly);
 }
 
@@ -127,7 +117,7 @@ int Create(int argc, char** argv) {
   struct stat st;
   const bool existed = ::stat(path.c_str(), &st) == 0;
   if (existed) {
-    if (absl::Status s = CheckKind(path, st); !s.ok()) return Fail(Message(s));
+    if (absl::Status s = CheckStoreFileKind(path, st.st_mode); !s.ok()) return Fail(Message(s));
   } else if (errno != ENOENT) {
     return Fail(absl::StrFormat("cannot open %s: %s", path, std::strerror(errno)));
   }
