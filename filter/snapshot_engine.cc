@@ -552,7 +552,8 @@ absl::Status SnapshotEngine::SnapTrim(Snapshot& s, uint64_t length,
   // Advisory: free the space of whole chunks already in the COW; never
   // touch the origin.
   if (absl::Status st = CheckWritable(s); !st.ok()) return st;
-  if (length == 0) return absl::OkStatus();
+  // Overflowed, it keeps what it has, as dm keeps it (failing every write).
+  if (length == 0 || s.store->overflowed()) return absl::OkStatus();
   const uint64_t size = origin_.size();
   const uint64_t first = offset >> s.shift;
   const uint64_t last = (offset + length - 1) >> s.shift;

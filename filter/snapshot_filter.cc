@@ -71,12 +71,16 @@ void LogToNbdkit(bool error, const std::string& m) {
 
 // Runs body; turns a failed status or any exception into -1 and *err.
 template <typename F>
-int Guarded(int* err, F&& body) {
+int Guarded(int* err, F&& body, int expected_errno = 0) {
   try {
     absl::Status st = body();
     if (st.ok()) return 0;
     *err = StatusToErrno(st);
-    nbdkit_error("snapshot: %s", std::string(st.message()).c_str());
+    // An answer the client asked for (ENOTSUP to a fast zero) is no error.
+    if (*err == expected_errno)
+      nbdkit_debug("snapshot: %s", std::string(st.message()).c_str());
+    else
+      nbdkit_error("snapshot: %s", std::string(st.message()).c_str());
     return -1;
   } catch (const std::bad_alloc&) {
     *err = ENOMEM;
@@ -453,14 +457,14 @@ int snapshot_pwrite(nbdkit_next*, void* handle, const void* buf, uint32_t count,
 
 int snapshot_zero(nbdkit_next*, void* handle, uint32_t count, uint64_t offset,
                   uint32_t flags, int* err) {
+  const bool fast = flags & NBDKIT_FLAG_FAST_ZERO;
   return Guarded(err, [&] {
     const bool fua = flags & NBDKIT_FLAG_FUA;
-    const bool fast = flags & NBDKIT_FLAG_FAST_ZERO;
     Handle& h = H(handle);
     return h.snap ? g_engine->SnapZero(*h.snap, count, offset, fua, fast)
                   : g_engine->OriginZero(count, offset,
                                          flags & NBDKIT_FLAG_MAY_TRIM, fua, fast);
-  });
+  }, fast ? ENOTSUP : 0);
 }
 
 int snapshot_trim(nbdkit_next*, void* handle, uint32_t count, uint64_t offset,

@@ -13,7 +13,8 @@
 #  PO: snapshot writes beyond the cap fail with ENOSPC, then every snapshot
 #      write does (dm: snapshot_overflowed); reads go on and return what was
 #      written; status Overflow.  After a restart: valid again, chunks in
-#      the COW can be rewritten, a new chunk overflows again.  An origin
+#      the COW can be rewritten, a new chunk overflows again.  A trim of an
+#      overflowed snapshot changes nothing.  An origin
 #      write that needs a copy-out to the full store invalidates it (dm).
 #  N:  full -> Invalid, origin unharmed.
 #  Exactly the maximum size (lvm2 snapshot-maxsize.sh, dmtest's
@@ -209,6 +210,11 @@ assert written == 14, written
 # Overflowed: every snapshot write fails now, even to a chunk in the COW.
 expect_error("ENOSPC", h.pwrite, b"y" * 4096, 512 * 1024)
 expect_error("ENOSPC", h.pwrite, b"y" * 100, 0)
+expect_error("ENOSPC", h.zero, 4096, 512 * 1024)
+# A trim (advisory) changes nothing either (before: it zeroed the chunks
+# in the COW, as dm, which fails every write to an overflowed snapshot,
+# would not).
+h.trim(8192, 512 * 1024)
 EOF
 test "$(status s)" = Overflow
 check s snap.model

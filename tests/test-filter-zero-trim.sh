@@ -162,6 +162,18 @@ h.flush()
 EOF
 check s snap.model
 check origin origin.model
+# A fast zero refused (ENOTSUP, as the client asked) logs no error (before:
+# "error:" each time, and clients probe with fast zeros).
+nbdkit -U - --filter="$FILTER" file "$tmp/origin.img" snapshot=fz=$tmp/fz.cow \
+    --run 'nbdsh -u "nbd+unix:///fz?socket=$unixsocket" -c "
+try:
+    h.zero(100, 40 * 4096 + 10, nbd.CMD_FLAG_FAST_ZERO)
+    raise SystemExit(\"a fast zero of a partial chunk succeeded\")
+except nbd.Error as e:
+    assert e.errno == \"ENOTSUP\", e
+"' 2> fastzero.err
+cat fastzero.err
+absent 'error: snapshot' fastzero.err
 
 # Trim on the snapshot: advisory; never the origin, never outside its
 # range.  Chunks 70..79 are in the COW (written), 90..99 are not.
