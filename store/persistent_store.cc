@@ -527,6 +527,11 @@ absl::Status PersistentStore::Commit(uint64_t cow_chunk, bool wait_durable) {
   for (;;) {
     // Slots committed while the area was full wait here for a new area.
     DrainLocked();
+    // First: after a failed group commit nothing drains any more, and the
+    // write-out below would be tried again for ever.
+    if (!valid_)
+      return absl::DataLossError(absl::StrFormat(
+          "%s: snapshot is invalid: %s", file_->name(), invalid_reason_));
     if (!writer_active_ && (full_areas_.size() >= kMaxFullAreas ||
                             ready_upto_ - buffered_upto_ >= max_lazy)) {
       // Lazy commits have piled up several areas' worth: write them out,
@@ -534,9 +539,6 @@ absl::Status PersistentStore::Commit(uint64_t cow_chunk, bool wait_durable) {
       WriteAreaLocked();
       continue;
     }
-    if (!valid_)
-      return absl::DataLossError(absl::StrFormat(
-          "%s: snapshot is invalid: %s", file_->name(), invalid_reason_));
     if (AreaFullLocked() && !writer_active_) {
       WriteAreaLocked();  // the next records need the next area
       continue;

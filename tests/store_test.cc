@@ -1297,6 +1297,44 @@ START_TEST(eio_on_sync_invalidates) {
 }
 END_TEST
 
+// Lazy commits pile up until a commit must write several areas' worth
+// out; when that group commit fails, nothing drains any more, and the
+// commit used to try the write-out again for ever (syncing the failing
+// disk millions of times) instead of returning the error.
+START_TEST(failed_lazy_write_out_returns) {
+  FaultFile disk;
+  std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle(), Opts(8));
+  const uint64_t max_lazy = 8 * Geometry(8).exceptions_per_area();
+  const std::vector<char> data = Pattern(1, 4096);
+  for (uint64_t i = 0; i + 1 < max_lazy; ++i) {
+    absl::StatusOr<uint64_t> c = s->Allocate(i, WriteSource::kOrigin);
+    EXPECT(c.ok());
+    EXPECT(s->WriteChunk(*c, 0, data).ok());
+    EXPECT(s->Commit(*c, false).ok());
+  }
+  Fault f;
+  f.op = Op::kSync;
+  f.sticky = true;
+  disk.AddFault(f);
+  absl::StatusOr<uint64_t> c = s->Allocate(max_lazy, WriteSource::kOrigin);
+  ck_assert(c.ok());
+  ASSERT_OK(s->WriteChunk(*c, 0, data));
+  // In a thread, so that a commit that never returns fails the test.
+  std::future<absl::Status> commit =
+      std::async(std::launch::async, [&] { return s->Commit(*c, false); });
+  const bool returned =
+      commit.wait_for(std::chrono::seconds(2)) == std::future_status::ready;
+  const uint64_t syncs = disk.counters().syncs;
+  if (!returned) disk.ClearFaults();  // lets the old code's loop end
+  const absl::Status st = commit.get();
+  ck_assert_msg(returned, "Commit has not returned after 2 s (%llu syncs)",
+                static_cast<ull>(syncs));
+  ck_assert(!st.ok());
+  ck_assert(!s->valid());
+  ck_assert_uint_le(syncs, 10);
+}
+END_TEST
+
 // Linux reports a writeback error to one fsync only: the next one
 // succeeds over the lost data. A failed sync in a client's flush must
 // therefore end the store, or a later group commit would make a record
@@ -2165,6 +2203,7 @@ Suite* ErrorSuite() {
   TCase* tc = tcase_create("injected");
   tcase_add_test(tc, eio_on_area_write_invalidates);
   tcase_add_test(tc, eio_on_sync_invalidates);
+  tcase_add_test(tc, failed_lazy_write_out_returns);
   tcase_add_test(tc, failed_flush_sync_is_fatal);
   tcase_add_test(tc, trailing_abandoned_slot_leaves_store_quiet);
   tcase_add_test(tc, data_write_error_then_abandon_keeps_store_valid);
