@@ -1,5 +1,7 @@
 #include "store/exception_store.h"
 
+#include <algorithm>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "store/store_status.h"
@@ -36,6 +38,14 @@ std::string FormatStatusLine(bool valid, bool merge_failed, bool overflowed,
   if (overflowed) return "Overflow";
   return absl::StrFormat("%d/%d %d", u.used_sectors, u.total_sectors,
                          u.metadata_sectors);
+}
+
+absl::StatusOr<uint64_t> CowLimit(BlockFile& file, uint64_t size_cap) {
+  const uint64_t cap = size_cap != 0 ? size_cap : kNoLimit;
+  if (!file.is_block_device()) return cap;
+  absl::StatusOr<uint64_t> size = file.Size();
+  if (!size.ok()) return size.status();
+  return std::min(cap, *size);
 }
 
 absl::StatusOr<std::unique_ptr<ExceptionStore>> OpenStore(

@@ -20,11 +20,11 @@ namespace {
 class PersistentStore final : public ExceptionStore {
  public:
   PersistentStore(std::unique_ptr<BlockFile> file, const StoreOptions& opts,
-                  uint32_t chunk_sectors)
+                  uint32_t chunk_sectors, uint64_t limit)
       : file_(std::move(file)),
         type_(opts.type),
         geo_(chunk_sectors),
-        size_cap_(opts.size_cap),
+        limit_(limit),
         read_only_(opts.read_only) {}
 
   ~PersistentStore() override {
@@ -124,7 +124,7 @@ class PersistentStore final : public ExceptionStore {
         absl::StrFormat("%s is open read-only", file_->name()));
   }
   uint64_t Capacity() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return size_cap_ != 0 ? size_cap_ : file_size_;
+    return limit_ != kNoLimit ? limit_ : file_size_;
   }
   StoreUsage UsageLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const uint64_t cs = geo_.chunk_sectors();
@@ -165,7 +165,7 @@ class PersistentStore final : public ExceptionStore {
   std::unique_ptr<BlockFile> file_;
   const StoreType type_;
   const Geometry geo_;
-  const uint64_t size_cap_;
+  const uint64_t limit_;  // CowLimit: the cap, or a block device's size
   const bool read_only_;
 
   mutable snap::Mutex mu_;
@@ -352,7 +352,7 @@ absl::StatusOr<uint64_t> PersistentStore::Allocate(uint64_t old_chunk,
   // that area is zeroed when the current one fills (dm 4.5 edge case).
   uint64_t need = (chunk + 1) * cb;
   if (geo_.IsMetadataChunk(chunk + 1)) need += cb;
-  if (size_cap_ != 0 && need > size_cap_) {
+  if (need > limit_) {
     if (source == WriteSource::kSnapshot &&
         type_ == StoreType::kPersistentOverflow) {
       overflowed_ = true;
@@ -360,7 +360,7 @@ absl::StatusOr<uint64_t> PersistentStore::Allocate(uint64_t old_chunk,
       InvalidateLocked("Unable to allocate exception: the COW file is full");
     }
     return absl::ResourceExhaustedError(absl::StrFormat(
-        "%s: COW file is full (%d bytes)", file_->name(), size_cap_));
+        "%s: COW file is full (%d bytes)", file_->name(), limit_));
   }
   if (need > reserved_) {
     // Set disk space aside ahead of the data, in steps of an eighth of
@@ -369,7 +369,7 @@ absl::StatusOr<uint64_t> PersistentStore::Allocate(uint64_t old_chunk,
     uint64_t step =
         std::clamp<uint64_t>(std::max(file_size_, need) / 8, 4 << 20, 256 << 20);
     uint64_t until = need + step;
-    if (size_cap_ != 0) until = std::min(until, size_cap_);
+    until = std::min(until, limit_);
     const uint64_t from = std::max(reserved_, need - cb);
     if (until > from && file_->Reserve(from, until - from).ok())
       reserved_ = std::max(reserved_, until);
@@ -760,7 +760,9 @@ absl::StatusOr<std::unique_ptr<ExceptionStore>> OpenPersistentStore(
       }
     }
   }
-  auto store = std::make_unique<PersistentStore>(std::move(file), opts, cs);
+  absl::StatusOr<uint64_t> limit = CowLimit(*file, opts.size_cap);
+  if (!limit.ok()) return limit.status();
+  auto store = std::make_unique<PersistentStore>(std::move(file), opts, cs, *limit);
   if (absl::Status st = store->Load(opts); !st.ok()) return st;
   return store;
 }

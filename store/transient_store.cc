@@ -17,11 +17,12 @@ namespace {
 
 class TransientStore final : public ExceptionStore {
  public:
-  TransientStore(std::unique_ptr<BlockFile> file, const StoreOptions& opts)
+  TransientStore(std::unique_ptr<BlockFile> file, const StoreOptions& opts,
+                 uint64_t limit)
       : file_(std::move(file)),
         chunk_sectors_(opts.chunk_sectors != 0 ? opts.chunk_sectors
                                                : kDefaultChunkSectors),
-        size_cap_(opts.size_cap) {}
+        limit_(limit) {}
 
   ~TransientStore() override {
     // Nothing in the file means anything once the store is gone: zero what
@@ -65,7 +66,7 @@ class TransientStore final : public ExceptionStore {
           "%s: snapshot is invalid: %s", file_->name(), invalid_reason_));
     const uint64_t cb = chunk_bytes();
     const uint64_t chunk = next_chunk_;
-    if ((size_cap_ != 0 && (chunk + 1) * cb > size_cap_) ||
+    if ((chunk + 1) * cb > limit_ ||
         chunk >= ExceptionTable::kMaxSlots) {
       // dm's transient store has no overflow mode: a full store invalidates.
       InvalidateLocked("Unable to allocate exception: the COW file is full");
@@ -140,8 +141,8 @@ class TransientStore final : public ExceptionStore {
 
  private:
   StoreUsage UsageLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    uint64_t total = size_cap_;
-    if (total == 0) total = file_->Size().value_or(0);
+    const uint64_t total =
+        limit_ != kNoLimit ? limit_ : file_->Size().value_or(0);
     return {next_chunk_ * chunk_sectors_, total / kSectorBytes, 0};
   }
   void InvalidateLocked(std::string_view reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -152,7 +153,7 @@ class TransientStore final : public ExceptionStore {
 
   std::unique_ptr<BlockFile> file_;
   const uint32_t chunk_sectors_;
-  const uint64_t size_cap_;
+  const uint64_t limit_;  // CowLimit: the cap, or a block device's size
   mutable snap::Mutex mu_;
   ExceptionTable table_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<uint64_t, uint64_t> pending_ ABSL_GUARDED_BY(mu_);
@@ -194,7 +195,10 @@ absl::StatusOr<std::unique_ptr<ExceptionStore>> OpenTransientStore(
         "a transient (N) store; use a new or empty file",
         file->name(), **used));
   }
-  return std::unique_ptr<ExceptionStore>(new TransientStore(std::move(file), opts));
+  absl::StatusOr<uint64_t> limit = CowLimit(*file, opts.size_cap);
+  if (!limit.ok()) return limit.status();
+  return std::unique_ptr<ExceptionStore>(
+      new TransientStore(std::move(file), opts, *limit));
 }
 
 }  // namespace snap

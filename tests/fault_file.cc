@@ -88,6 +88,15 @@ absl::Status FaultStatus(const Fault& f, const std::string& name, const char* wh
   return Errno(f.kind == FaultKind::kENOSPC ? ENOSPC : EIO, name, what, off);
 }
 
+// A block device has a fixed size: nothing lands past its end.
+std::optional<absl::Status> PastDeviceEnd(const Disk& d, const std::string& name,
+                                          const char* what, uint64_t end) {
+  if (!d.block_device || end <= d.cur.size()) return std::nullopt;
+  return absl::ErrnoToStatus(
+      ENOSPC, absl::StrFormat("%s: %s up to byte %d failed: the device has %d bytes",
+                              name, what, end, d.cur.size()));
+}
+
 absl::Status FrozenStatus(const std::string& name, const char* what) {
   return absl::ErrnoToStatus(
       EIO, absl::StrFormat("%s: %s failed: the disk is frozen (simulated crash)", name, what));
@@ -140,6 +149,10 @@ absl::Status FaultFile::PWrite(std::span<const char> buf, uint64_t offset) {
   if (d.frozen) {
     d.events.push_back(ev);
     return FrozenStatus(name_, "write");
+  }
+  if (std::optional<absl::Status> st = PastDeviceEnd(d, name_, "write", offset + buf.size())) {
+    d.events.push_back(ev);
+    return *st;
   }
   std::optional<Fault> f = TakeFault(d, Op::kWrite, index, offset, buf.size());
   if (f && f->kind != FaultKind::kShortWrite) {
@@ -229,6 +242,10 @@ absl::Status FaultFile::GrowTo(uint64_t size) {
     d.events.push_back(ev);
     return FrozenStatus(name_, "grow");
   }
+  if (std::optional<absl::Status> st = PastDeviceEnd(d, name_, "grow", size)) {
+    d.events.push_back(ev);
+    return *st;
+  }
   // Like ftruncate or fallocate over what is there, a grow that does not
   // grow needs no space and cannot fail for want of it.
   if (std::optional<Fault> f =
@@ -253,6 +270,10 @@ absl::Status FaultFile::ZeroRange(uint64_t offset, uint64_t length) {
   if (d.frozen) {
     d.events.push_back(ev);
     return FrozenStatus(name_, "zero");
+  }
+  if (std::optional<absl::Status> st = PastDeviceEnd(d, name_, "zero", offset + length)) {
+    d.events.push_back(ev);
+    return *st;
   }
   if (std::optional<Fault> f = TakeFault(d, Op::kZero, index, offset, length)) {
     d.events.push_back(ev);

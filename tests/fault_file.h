@@ -96,7 +96,8 @@ class FaultFile final : public snap::BlockFile {
   void Freeze();
   bool frozen() const;
   // Says it is a block device (which a new store may use when its first
-  // 4 KiB are zero, as LVM leaves a new COW volume).
+  // 4 KiB are zero, as LVM leaves a new COW volume). A device has a fixed
+  // size: writes, grows and zeroing past its end fail with ENOSPC.
   void set_block_device(bool b);
   // Sleeps this long in every Sync (outside the disk's lock), like a disk.
   void set_sync_delay(std::chrono::microseconds d);

@@ -1638,9 +1638,30 @@ START_TEST(zeroed_new_chunk_readable_before_group_commit) {
 }
 END_TEST
 
+// The COW file is full at 16 chunks, set by snapshot-cow-size or by the
+// size of a block device, which cannot grow (without the limit, a store on
+// a device handed out chunks past its end, whose writes failed with ENOSPC
+// for ever: the origin write was refused instead of the snapshot going).
+struct Limit {
+  const char* what;
+  uint64_t device;  // a block device of this many bytes; 0: a regular file
+  uint64_t cap;
+};
+const Limit kLimits[] = {
+    {"a capped file", 0, 16 * 512},
+    {"a device", 16 * 512, 0},
+    {"a device under a larger cap", 16 * 512, 64 * 512},
+    {"a capped larger device", 64 * 512, 16 * 512},
+};
+
+std::unique_ptr<FaultFile> LimitedDisk(const Limit& l) {
+  auto disk = std::make_unique<FaultFile>(std::vector<char>(l.device, 0), "limited.cow");
+  disk->set_block_device(l.device != 0);
+  return disk;
+}
+
 START_TEST(size_cap_fills) {
-  // cs 1, cap 16 chunks: data chunks 2..15, as the kernel on a 16-chunk COW.
-  const uint64_t cap = 16 * 512;
+  // cs 1, 16 chunks: data chunks 2..15, as the kernel on a 16-chunk COW.
   struct {
     StoreType type;
     WriteSource src;
@@ -1651,34 +1672,39 @@ START_TEST(size_cap_fills) {
       {StoreType::kPersistentOverflow, WriteSource::kSnapshot, "Overflow"},
       {StoreType::kPersistentOverflow, WriteSource::kOrigin, "Invalid"},
   };
-  for (const auto& c : cases) {
-    FaultFile disk;
-    std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle(), Opts(1, c.type, cap));
-    std::vector<Written> w;
-    absl::StatusOr<uint64_t> r;
-    for (uint64_t i = 0;; ++i) {
-      r = s->Allocate(100 + i, c.src);
-      if (!r.ok()) break;
-      ASSERT_OK(s->WriteChunk(*r, 0, Pattern(i, 512)));
-      ASSERT_OK(s->Commit(*r, true));
-      w.push_back({100 + i, *r, i});
-      ck_assert_uint_lt(i, 100);
-    }
-    ck_assert_msg(absl::IsResourceExhausted(r.status()), "%s", r.status().ToString().c_str());
-    ck_assert_uint_eq(w.size(), 14);
-    ck_assert_uint_le(disk.Contents().size(), cap);
-    ASSERT_STR_EQ(s->StatusLine(), c.status);
-    bool overflow = std::string(c.status) == "Overflow";
-    ck_assert(s->valid() == overflow);
-    ck_assert(s->overflowed() == overflow);
-    Verify(*s, w, 512);
-    s.reset();
-    s = MustOpen(disk.PowerLoss(), Opts(1, c.type, cap));
-    if (overflow) {
+  for (const Limit& l : kLimits) {
+    for (const auto& c : cases) {
+      std::unique_ptr<FaultFile> disk = LimitedDisk(l);
+      std::unique_ptr<ExceptionStore> s = MustOpen(disk->Handle(), Opts(1, c.type, l.cap));
+      ASSERT_STR_EQ(s->StatusLine(), "2/16 2");
+      std::vector<Written> w;
+      absl::StatusOr<uint64_t> r;
+      for (uint64_t i = 0;; ++i) {
+        r = s->Allocate(100 + i, c.src);
+        if (!r.ok()) break;
+        ASSERT_OK(s->WriteChunk(*r, 0, Pattern(i, 512)));
+        ASSERT_OK(s->Commit(*r, true));
+        w.push_back({100 + i, *r, i});
+        ck_assert_uint_lt(i, 100);
+      }
+      ck_assert_msg(absl::IsResourceExhausted(r.status()), "%s: %s", l.what,
+                    r.status().ToString().c_str());
+      ASSERT_CONTAINS(std::string(r.status().message()), "full");
+      ck_assert_msg(w.size() == 14, "%s: %zu exceptions", l.what, w.size());
+      ck_assert_uint_le(disk->Contents().size(), std::max<uint64_t>(l.device, 16 * 512));
+      ASSERT_STR_EQ(s->StatusLine(), c.status);
+      bool overflow = std::string(c.status) == "Overflow";
+      ck_assert(s->valid() == overflow);
+      ck_assert(s->overflowed() == overflow);
       Verify(*s, w, 512);
-      ASSERT_STR_EQ(s->StatusLine(), "16/16 2");
-    } else {
-      ASSERT_STR_EQ(s->StatusLine(), "Invalid");
+      s.reset();
+      s = MustOpen(disk->PowerLoss(), Opts(1, c.type, l.cap));
+      if (overflow) {
+        Verify(*s, w, 512);
+        ASSERT_STR_EQ(s->StatusLine(), "16/16 2");
+      } else {
+        ASSERT_STR_EQ(s->StatusLine(), "Invalid");
+      }
     }
   }
 }
@@ -1874,16 +1900,20 @@ START_TEST(transient_basics) {
 END_TEST
 
 START_TEST(transient_full_invalidates) {
-  for (WriteSource src : {WriteSource::kOrigin, WriteSource::kSnapshot}) {
-    FaultFile disk;
-    std::unique_ptr<ExceptionStore> s =
-        MustOpen(disk.Handle(), Opts(8, StoreType::kTransient, 4 * 4096));
-    for (uint64_t i = 0; i < 4; ++i) Add(*s, i, i, 4096, false, src);
-    absl::StatusOr<uint64_t> r = s->Allocate(9, src);
-    ck_assert(!r.ok());
-    ck_assert(absl::IsResourceExhausted(r.status()));
-    ASSERT_STR_EQ(s->StatusLine(), "Invalid");
-    ck_assert(!s->overflowed());
+  for (const Limit& l : kLimits) {
+    for (WriteSource src : {WriteSource::kOrigin, WriteSource::kSnapshot}) {
+      std::unique_ptr<FaultFile> disk = LimitedDisk(l);
+      std::unique_ptr<ExceptionStore> s =
+          MustOpen(disk->Handle(), Opts(1, StoreType::kTransient, l.cap));
+      ASSERT_STR_EQ(s->StatusLine(), "0/16 0");
+      for (uint64_t i = 0; i < 16; ++i) Add(*s, i, i, 512, false, src);
+      ASSERT_STR_EQ(s->StatusLine(), "16/16 0");
+      absl::StatusOr<uint64_t> r = s->Allocate(99, src);
+      ck_assert_msg(absl::IsResourceExhausted(r.status()), "%s: %s", l.what,
+                    r.status().ToString().c_str());
+      ASSERT_STR_EQ(s->StatusLine(), "Invalid");
+      ck_assert(!s->overflowed());
+    }
   }
 }
 END_TEST
@@ -1918,7 +1948,7 @@ END_TEST
 // what it used is zeroed, so the next start takes the file again.
 START_TEST(transient_zeroes_its_file_when_closed) {
   for (bool device : {false, true}) {
-    FaultFile disk;
+    FaultFile disk(std::vector<char>(device ? 64 * 1024 : 0, 0), "fault.cow");
     disk.set_block_device(device);
     std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle(), Opts(8, StoreType::kTransient));
     Written a = Add(*s, 3, 3, 4096, false);
