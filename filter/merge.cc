@@ -58,16 +58,31 @@ absl::StatusOr<bool> SnapshotEngine::MergeStep() {
   if (!runs.ok()) return runs.status();
   if (runs->empty()) return true;
   const uint64_t size = origin_.size();
+  // Every run must lie inside the origin, or the chunk's offset may wrap
+  // (old_chunk << shift) onto another chunk, which the merge would then
+  // overwrite. The filter never makes such a record: the COW file is
+  // damaged or belongs to another origin. The step fails before writing
+  // anything (Merge failed), as the kernel's does for a chunk that starts
+  // past the end (its write there fails); the kernel cuts a run that
+  // starts inside the origin at its end, and skips one starting exactly
+  // there, which here fail too: they are damage all the same.
+  const uint64_t chunks = (size + m.chunk_bytes - 1) >> m.shift;
+  for (const MergeRun& r : *runs)
+    if (r.old_chunk >= chunks || r.count > chunks - r.old_chunk)
+      return absl::OutOfRangeError(absl::StrFormat(
+          "%s: cannot merge: origin chunk %d is past the origin's end (%d "
+          "chunks of %d bytes): the COW file is damaged or belongs to "
+          "another origin; see its records with 'nbdsnap dump %s'",
+          m.path, std::max(r.old_chunk, chunks), chunks, m.chunk_bytes, m.path));
   uint32_t records = 0;
   for (const MergeRun& r : *runs) records += r.count;
   // The other snapshots keep the origin's old contents of every range.
   {
     ReaderMutexLock gate(&origin_gate_);
     for (const MergeRun& r : *runs) {
-      const uint64_t start = std::min(r.old_chunk << m.shift, size);
+      const uint64_t start = r.old_chunk << m.shift;
       const uint64_t end = std::min((r.old_chunk + r.count) << m.shift, size);
-      if (start < end)
-        if (absl::Status st = CopyOutAll(end - start, start); !st.ok()) return st;
+      if (absl::Status st = CopyOutAll(end - start, start); !st.ok()) return st;
     }
   }
   // Writes to these chunks wait until the step is done. Ranges are locked
@@ -81,7 +96,7 @@ absl::StatusOr<bool> SnapshotEngine::MergeStep() {
         m.locks, ChunkLockGuard::kExclusive, r.old_chunk, r.old_chunk + r.count - 1));
   // Copy every run, a few at a time, in bounded pieces.
   auto copy = [&](const MergeRun& r) -> absl::Status {
-    const uint64_t start = std::min(r.old_chunk << m.shift, size);
+    const uint64_t start = r.old_chunk << m.shift;  // inside: see above
     const uint64_t end = std::min((r.old_chunk + r.count) << m.shift, size);
     std::vector<char> buf;
     for (uint64_t pos = start; pos < end;) {
