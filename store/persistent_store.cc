@@ -557,8 +557,18 @@ absl::Status PersistentStore::Commit(uint64_t cow_chunk, bool wait_durable) {
 
 void PersistentStore::Abandon(uint64_t cow_chunk) {
   snap::MutexLock l(&mu_);
-  auto it = pending_.find(static_cast<uint32_t>(*geo_.ChunkToSlot(cow_chunk)));
+  const uint32_t slot = static_cast<uint32_t>(*geo_.ChunkToSlot(cow_chunk));
+  auto it = pending_.find(slot);
   if (it == pending_.end() || it->second.state != SlotState::kCopying) return;
+  if (slot + 1 == next_slot_) {
+    // The last one taken is taken again by the next write: a write that
+    // keeps failing (a full disk) does not use up the file, nor a
+    // snapshot-cow-size cap, which would end the snapshot.
+    pending_.erase(it);
+    --next_slot_;
+    cv_.SignalAll();
+    return;
+  }
   it->second.state = SlotState::kAbandoned;
   AdvanceReadyLocked();
   DrainLocked();

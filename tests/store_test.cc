@@ -1417,7 +1417,7 @@ START_TEST(data_write_error_then_abandon_keeps_store_valid) {
   s->Abandon(*c);
   ck_assert(s->valid());
   Written b = Add(*s, 3, 3, 4096, true);
-  ck_assert_uint_eq(b.cow_chunk, *c + 1);  // a hole at *c
+  ck_assert_uint_eq(b.cow_chunk, *c);  // given back, taken again
   ck_assert(!s->Lookup(2).has_value());
   s.reset();
   s = MustOpen(disk.PowerLoss(), Opts(cs));
@@ -1433,20 +1433,24 @@ START_TEST(abandon_leaves_hole_and_store_works) {
   std::unique_ptr<ExceptionStore> s = MustOpen(disk.Handle(), Opts(cs));
   std::vector<Written> w;
   // Holes at the start, in the middle of an area, at an area's end, and
-  // the very last allocation.
+  // the very last allocation. A chunk is given back once the next one is
+  // taken, so it stays a hole (the last one given back is taken again).
   std::set<uint64_t> holes = {0, 5, 6, epa - 1, epa, epa + 9};
+  std::optional<uint64_t> held;
   for (uint64_t i = 0; i < epa + 10; ++i) {
     absl::StatusOr<uint64_t> c = s->Allocate(500 + i, WriteSource::kOrigin);
     ck_assert(c.ok());
     ck_assert_uint_eq(*c, g.SlotToChunk(i));
+    if (held) s->Abandon(*std::exchange(held, std::nullopt));
     if (holes.count(i)) {
-      s->Abandon(*c);
+      held = *c;
       continue;
     }
     ASSERT_OK(s->WriteChunk(*c, 0, Pattern(i, 512)));
     ASSERT_OK(s->Commit(*c, i % 2 == 0));
     w.push_back({500 + i, *c, i});
   }
+  if (held) s->Abandon(*held);
   ASSERT_OK(s->Flush());
   Verify(*s, w, 512);
   s.reset();
@@ -1529,6 +1533,50 @@ START_TEST(full_disk_after_failed_write_flush_keeps_store) {
     Verify(*s, w, 4096);
     s.reset();
     s = MustOpen(disk.PowerLoss(), Opts(8, type));
+    Verify(*s, w, 4096);
+  }
+}
+END_TEST
+
+// A write that keeps failing on a full disk, retried many times, uses up
+// nothing: the chunk it gave back is the next one taken. Before, each try
+// used up a chunk, so under a snapshot-cow-size cap the retries alone
+// filled the store and ended a P snapshot (Invalid) or overflowed a PO
+// one, and the status counted chunks that hold nothing.
+START_TEST(failed_writes_retried_use_up_nothing) {
+  for (StoreType type : {StoreType::kPersistent, StoreType::kPersistentOverflow}) {
+    FaultFile disk;
+    // Room for the header, one area and 20 data chunks.
+    std::unique_ptr<ExceptionStore> s =
+        MustOpen(disk.Handle(), Opts(8, type, 22 * 4096));
+    std::vector<Written> w;
+    for (uint64_t i = 0; i < 5; ++i) w.push_back(Add(*s, i, i, 4096, i == 0));
+    const std::string status = s->StatusLine();
+    absl::StatusOr<uint64_t> first = s->Allocate(9, WriteSource::kOrigin);
+    ck_assert(first.ok());
+    s->Abandon(*first);
+    FillDiskFrom(disk, *first * 4096);
+    for (int i = 0; i < 100; ++i) {
+      for (WriteSource src : {WriteSource::kOrigin, WriteSource::kSnapshot}) {
+        absl::StatusOr<uint64_t> c = s->Allocate(9, src);
+        ck_assert_msg(c.ok(), "try %d: %s", i, c.status().ToString().c_str());
+        ck_assert_uint_eq(*c, *first);
+        ck_assert(absl::IsResourceExhausted(s->WriteChunk(*c, 0, Pattern(9, 4096))));
+        s->Abandon(*c);
+      }
+    }
+    ck_assert(s->valid());
+    ck_assert(!s->overflowed());
+    ASSERT_STR_EQ(s->StatusLine(), status);
+    ASSERT_OK(s->Flush());
+    Verify(*s, w, 4096);
+    s.reset();
+    std::unique_ptr<FaultFile> after = disk.PowerLoss();
+    s = MustOpen(after->Handle(), Opts(8, type, 22 * 4096));
+    Verify(*s, w, 4096);
+    // With room again, the chunk is used.
+    w.push_back(Add(*s, 9, 9, 4096, true));
+    ck_assert_uint_eq(w.back().cow_chunk, *first);
     Verify(*s, w, 4096);
   }
 }
@@ -2240,6 +2288,7 @@ Suite* ErrorSuite() {
   tcase_add_test(tc, abandon_leaves_hole_and_store_works);
   tcase_add_test(tc, enospc_on_data_write_keeps_store);
   tcase_add_test(tc, full_disk_after_failed_write_flush_keeps_store);
+  tcase_add_test(tc, failed_writes_retried_use_up_nothing);
   tcase_add_test(tc, transient_failed_write_zeroed_at_close);
   tcase_add_test(tc, full_disk_at_next_area_refuses_write_keeps_store);
   tcase_add_test(tc, grow_failure_at_group_commit_invalidates);
