@@ -165,11 +165,19 @@ absl::Status SnapshotEngine::MergedWrite(Snapshot& merged, std::span<const char>
   const uint64_t first = offset >> m.shift;
   const uint64_t last = (offset + length - 1) >> m.shift;
   ChunkLockGuard guard(m.locks, ChunkLockGuard::kExclusive, first, last);
-  std::vector<char> zeros;
-  auto piece_of = [&](uint64_t a, uint64_t n) -> std::span<const char> {
-    if (!data.empty()) return data.subspan(a - offset, n);
-    zeros.assign(n, 0);
-    return zeros;
+  // Writes [a, a + n) of the request with write(pos, bytes): a zero
+  // request in pieces of one bounded zero buffer (a chunk may be 1 GiB).
+  auto write_range = [&](uint64_t a, uint64_t n, auto&& write) -> absl::Status {
+    if (!data.empty()) return write(a, data.subspan(a - offset, n));
+    const std::vector<char>& zeros = ZeroBuffer();
+    for (uint64_t done = 0; done < n;) {
+      const uint64_t k = std::min<uint64_t>(n - done, zeros.size());
+      if (absl::Status st = write(a + done, std::span<const char>(zeros.data(), k));
+          !st.ok())
+        return st;
+      done += k;
+    }
+    return absl::OkStatus();
   };
   for (uint64_t c = first; c <= last; ++c) {
     const uint64_t cstart = c << m.shift;
@@ -177,8 +185,11 @@ absl::Status SnapshotEngine::MergedWrite(Snapshot& merged, std::span<const char>
     const uint64_t b = std::min({cstart + m.chunk_bytes, offset + length, size});
     if (std::optional<Exception> ex = m.store->Lookup(c)) {
       // Not merged yet: the COW chunk is the merged view's copy.
-      if (absl::Status st = m.store->WriteChunk(ex->cow_chunk, a - cstart,
-                                                piece_of(a, b - a));
+      if (absl::Status st = write_range(
+              a, b - a,
+              [&](uint64_t pos, std::span<const char> bytes) {
+                return m.store->WriteChunk(ex->cow_chunk, pos - cstart, bytes);
+              });
           !st.ok())
         return ErrnoError(EIO, st.message());
       continue;
@@ -186,7 +197,12 @@ absl::Status SnapshotEngine::MergedWrite(Snapshot& merged, std::span<const char>
     // Already on the origin: an origin write, copy-outs included.
     if (absl::Status st = CopyOutAll(b - a, a); !st.ok()) return st;
     behind_.WaitFor(a, b - a);  // queued before the merge finished
-    if (absl::Status st = origin_.Write(piece_of(a, b - a), a, false); !st.ok())
+    if (absl::Status st = write_range(
+            a, b - a,
+            [&](uint64_t pos, std::span<const char> bytes) {
+              return origin_.Write(bytes, pos, false);
+            });
+        !st.ok())
       return st;
   }
   // FUA: this and every earlier write durable, in the COW and the origin.

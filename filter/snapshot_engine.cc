@@ -21,12 +21,12 @@ namespace {
 // does not need a 1 GiB buffer.
 constexpr uint64_t kCopyBuffer = 4 << 20;
 
-const std::vector<char>& Zeros() {
+}  // namespace
+
+const std::vector<char>& ZeroBuffer() {
   static const std::vector<char> zeros(kCopyBuffer, 0);
   return zeros;
 }
-
-}  // namespace
 
 Snapshot::Snapshot(std::string n, std::string p,
                    std::unique_ptr<ExceptionStore> s)
@@ -306,7 +306,7 @@ absl::Status SnapshotEngine::OriginZeroLocked(uint64_t length, uint64_t offset,
   } else {
     for (uint64_t done = 0; done < length && st.ok();) {
       uint64_t n = std::min<uint64_t>(length - done, kCopyBuffer);
-      st = origin_.Write({Zeros().data(), n}, offset + done, false);
+      st = origin_.Write({ZeroBuffer().data(), n}, offset + done, false);
       done += n;
     }
   }
@@ -500,7 +500,7 @@ absl::Status SnapshotEngine::SnapModify(Snapshot& s, std::span<const char> data,
       if (absl::Status st = write_run(); !st.ok()) return fail(st);
       for (uint64_t p = a; p < b;) {
         uint64_t n = std::min(b - p, kCopyBuffer);
-        if (absl::Status st = store.WriteChunk(cow, p - cstart, {Zeros().data(), n});
+        if (absl::Status st = store.WriteChunk(cow, p - cstart, {ZeroBuffer().data(), n});
             !st.ok())
           return fail(st);
         p += n;

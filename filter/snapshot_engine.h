@@ -38,6 +38,9 @@ struct Snapshot {
   std::string Description() const;
 };
 
+// 4 MiB of zeros, for writing zeros in bounded pieces.
+const std::vector<char>& ZeroBuffer();
+
 class SnapshotEngine {
  public:
   // Origin writes that must copy out wait for their commits in a queue of
