@@ -239,7 +239,9 @@ absl::Status PersistentStore::Load(const StoreOptions& opts) {
               if (absl::StatusOr<uint64_t> size = file_->Size(); size.ok())
                 table_.Reserve(std::min(*size / geo_.chunk_bytes(), kMaxReserve));
             }
-            if (r.duplicate) return;  // the earliest record wins, as in dm
+            // The earliest record wins, as in dm, except where dm folds a
+            // later one into a run of consecutive chunks ahead of it.
+            if (r.duplicate) return;
             table_.Insert(r.record.old_chunk,
                           static_cast<uint32_t>(*geo_.ChunkToSlot(r.record.new_chunk)));
           },

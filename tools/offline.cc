@@ -361,7 +361,8 @@ int Check(int argc, char** argv) {
     if (r.duplicate)
       add_damage(
           "%s: area %d record %d: origin chunk %d already has an exception in "
-          "an earlier record (the kernel uses the earliest)",
+          "an earlier record (the earliest is used, as by the kernel unless a "
+          "later one continues a run of consecutive chunks)",
           path, r.area, r.index, r.record.old_chunk);
     // The scan only hands over records whose chunk is a data chunk of a
     // header it accepted (the one read above, unless it just changed).
