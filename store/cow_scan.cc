@@ -192,9 +192,9 @@ absl::StatusOr<CowScan> ScanCow(
   }
   if (scan.duplicates > 0)
     scan.warnings.push_back(absl::StrFormat(
-        "%s: %d records repeat an origin chunk; the earliest one wins (so "
-        "does the kernel's, unless a later one continues a run of "
-        "consecutive chunks)",
+        "%s: %d records repeat an origin chunk; each is read, as by the "
+        "kernel, from the earliest record, unless a later one continues a "
+        "run of consecutive chunks",
         name, scan.duplicates));
   if (!scan.allocation_ordered)
     scan.warnings.push_back(absl::StrFormat(

@@ -10,6 +10,7 @@
 #include "store/sync.h"
 #include "store/cow_format.h"
 #include "store/cow_scan.h"
+#include "store/dm_repeats.h"
 #include "store/exception_store.h"
 #include "store/exception_table.h"
 #include "store/store_status.h"
@@ -33,6 +34,7 @@ class PersistentStore final : public ExceptionStore {
   }
 
   absl::Status Load(const StoreOptions& opts);
+  absl::Status UseDmRepeatTargets() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   StoreType type() const override { return type_; }
   uint32_t chunk_sectors() const override { return geo_.chunk_sectors(); }
@@ -221,6 +223,27 @@ absl::Status PersistentStore::WriteHeader(uint32_t valid) {
   return file_->PWrite(chunk, 0);
 }
 
+// Several records name one origin chunk (old kernels, damage): serve it
+// from the record dm serves it from, which the earliest-first table may not
+// be. Rare, so the file is read a second time, only then.
+absl::Status PersistentStore::UseDmRepeatTargets() {
+  std::vector<DiskRecord> records;
+  absl::StatusOr<CowScan> scan = ScanCow(
+      *file_, [&](const ScannedRecord& r) { records.push_back(r.record); },
+      [](uint64_t) { return false; }, {.stop_at_first_problem = true});
+  if (!scan.ok()) return scan.status();
+  if (!scan->problems.empty())
+    return absl::DataLossError(absl::StrFormat(
+        "%s (run nbdsnap check for details)", scan->problems.front()));
+  for (const auto& [old_chunk, new_chunk] : DmRepeatedChunkTargets(records)) {
+    const uint32_t slot = static_cast<uint32_t>(*geo_.ChunkToSlot(new_chunk));
+    if (table_.Lookup(old_chunk) == slot) continue;
+    table_.Erase(old_chunk);
+    table_.Insert(old_chunk, slot);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status PersistentStore::Load(const StoreOptions& opts) {
   snap::MutexLock l(&mu_);
   // At the first record, room for every data chunk the file holds: each
@@ -239,8 +262,7 @@ absl::Status PersistentStore::Load(const StoreOptions& opts) {
               if (absl::StatusOr<uint64_t> size = file_->Size(); size.ok())
                 table_.Reserve(std::min(*size / geo_.chunk_bytes(), kMaxReserve));
             }
-            // The earliest record wins, as in dm, except where dm folds a
-            // later one into a run of consecutive chunks ahead of it.
+            // The earliest record first; dm's choice is settled below.
             if (r.duplicate) return;
             table_.Insert(r.record.old_chunk,
                           static_cast<uint32_t>(*geo_.ChunkToSlot(r.record.new_chunk)));
@@ -250,10 +272,12 @@ absl::Status PersistentStore::Load(const StoreOptions& opts) {
           },
           {.stop_at_first_problem = true});
   if (!scan.ok()) return scan.status();
-  table_.FitToSize();
   if (!scan->problems.empty())
     return absl::DataLossError(absl::StrFormat(
         "%s (run nbdsnap check for details)", scan->problems.front()));
+  if (scan->duplicates > 0)
+    if (absl::Status st = UseDmRepeatTargets(); !st.ok()) return st;
+  table_.FitToSize();
   file_size_ = size_at_open_ = scan->file_size;
   if (scan->is_new) {
     if (read_only_)
@@ -662,8 +686,8 @@ absl::StatusOr<std::vector<MergeRun>> PersistentStore::PrepareMergeRuns(
       ++n;
     }
     if (taken != 0 && taken + n > max_records) break;
-    // A record the table does not map (a later duplicate of an origin
-    // chunk; the earliest wins) holds data the snapshot never showed:
+    // A record the table does not map (a repeat of an origin chunk that
+    // dm does not use) holds data the snapshot never showed:
     // merging it, or it and the real one in one batch, would put the wrong
     // data on the origin. The kernel fails such a merge too.
     for (uint32_t k = 0; k < n; ++k) {

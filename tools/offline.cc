@@ -361,8 +361,9 @@ int Check(int argc, char** argv) {
     if (r.duplicate)
       add_damage(
           "%s: area %d record %d: origin chunk %d already has an exception in "
-          "an earlier record (the earliest is used, as by the kernel unless a "
-          "later one continues a run of consecutive chunks)",
+          "an earlier record (the kernel reads it from the earliest, unless a "
+          "later one continues a run of consecutive chunks; nbdsnap dump "
+          "marks the ones ignored)",
           path, r.area, r.index, r.record.old_chunk);
     // The scan only hands over records whose chunk is a data chunk of a
     // header it accepted (the one read above, unless it just changed).
@@ -469,13 +470,17 @@ int Dump(int argc, char** argv) {
   }
   file = OpenInput(path);
   if (!file.ok()) return Fail(Message(file.status()));
-  absl::StatusOr<CowScan> scan = ScanCow(**file, [](const ScannedRecord& r) {
+  absl::StatusOr<CowScan> scan = ScanCow(**file, [&](const ScannedRecord& r) {
+    // Of the records of a repeated chunk, the one dm (and the store) reads
+    // it from is used; the others are ignored.
+    std::optional<Exception> used = s.Lookup(r.record.old_chunk);
+    const bool ignored = !used || used->cow_chunk != r.record.new_chunk;
     std::printf("area %llu index %llu: origin chunk %llu -> cow chunk %llu%s\n",
                 static_cast<unsigned long long>(r.area),
                 static_cast<unsigned long long>(r.index),
                 static_cast<unsigned long long>(r.record.old_chunk),
                 static_cast<unsigned long long>(r.record.new_chunk),
-                r.duplicate ? " (duplicate, ignored)" : "");
+                ignored ? " (duplicate, ignored)" : "");
   });
   if (!scan.ok()) return Fail(Message(scan.status()));
   if (!scan->problems.empty())  // it changed since the store read it
