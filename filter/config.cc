@@ -1,5 +1,9 @@
 #include "filter/config.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cctype>
 #include <filesystem>
 
@@ -83,6 +87,25 @@ absl::Status CheckCowSizeChunks(uint64_t cap, uint64_t chunk_bytes) {
         "data): make it larger",
         cap, chunk_bytes));
   return absl::OkStatus();
+}
+
+std::optional<uint64_t> NewStoreChunkBytes(const std::string& path,
+                                           const StoreOptions& opts) {
+  // Non-blocking, and only a regular file or a block device is read: a
+  // FIFO would wait for a writer (the open then refuses it).
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  bool has_header = false;
+  if (fd >= 0) {
+    struct stat sb;
+    char header[kHeaderBytes];
+    has_header = ::fstat(fd, &sb) == 0 && (S_ISREG(sb.st_mode) || S_ISBLK(sb.st_mode)) &&
+                 ::pread(fd, header, sizeof header, 0) == sizeof header &&
+                 DiskHeader::Decode(header).magic == kSnapMagic;
+    ::close(fd);
+  }
+  if (has_header) return std::nullopt;
+  return uint64_t{opts.chunk_sectors != 0 ? opts.chunk_sectors : kDefaultChunkSectors} *
+         kSectorBytes;
 }
 
 absl::Status CheckCowSize(uint64_t cap, const ExceptionStore& store) {

@@ -57,6 +57,12 @@ std::string AbsolutePath(const std::string& path);
 // snapshot-cow-size=CAP must leave room for 3 chunks (header, metadata
 // area, one data chunk), as lvm2 demands. OK when CAP is 0 (no cap).
 absl::Status CheckCowSizeChunks(uint64_t cap, uint64_t chunk_bytes);
+// The chunk size a store opened in path with opts would be made with:
+// nullopt when path already begins with a store's header (whose chunk size
+// counts), else opts' (or the default). What refuses a new store is
+// checked with it before the open writes a header into the file.
+std::optional<uint64_t> NewStoreChunkBytes(const std::string& path,
+                                           const StoreOptions& opts);
 // The same for an opened store (its header's chunk size counts), and CAP
 // must hold what the store already uses. Startup and `take` both ask.
 absl::Status CheckCowSize(uint64_t cap, const ExceptionStore& store);

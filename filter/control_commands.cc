@@ -3,7 +3,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <fstream>
 #include <vector>
 
 #include "absl/cleanup/cleanup.h"
@@ -12,7 +11,6 @@
 #include "absl/strings/str_split.h"
 #include "filter/config.h"
 #include "filter/log.h"
-#include "store/block_file.h"
 #include "store/cow_format.h"
 
 namespace snap {
@@ -26,15 +24,6 @@ std::string Err(absl::string_view why) {
 }
 
 using Words = std::vector<std::string>;
-
-// Whether path begins with a store's header. Not when it is missing, short
-// or unreadable: the open says why, or makes a new store there.
-bool HoldsStoreHeader(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  char header[kHeaderBytes];
-  if (!in.read(header, sizeof header)) return false;
-  return DiskHeader::Decode(header).magic == kSnapMagic;
-}
 
 std::string Status(ControlContext& ctx, const Words&) {
   std::string out;
@@ -103,21 +92,14 @@ std::string Take(ControlContext& ctx, const Words& w) {
   };
   struct stat sb;
   const bool existed = ::stat(file.c_str(), &sb) == 0;
-  // Before reading it: a FIFO would block the read.
-  if (existed)
-    if (absl::Status st = CheckStoreFileKind(file, sb.st_mode); !st.ok())
-      return Err(st.message());
   // A file without a store yet (missing, empty or all zero) gets the chunk
   // size asked for: whatever refuses that is checked before a header goes
   // into it, so a refused take leaves the file as it was.
-  if (!HoldsStoreHeader(file)) {
-    const uint64_t chunk =
-        uint64_t{opts.chunk_sectors != 0 ? opts.chunk_sectors : kDefaultChunkSectors} *
-        kSectorBytes;
+  if (std::optional<uint64_t> chunk = NewStoreChunkBytes(file, opts)) {
     // snapshot-cow-size binds take as it binds startup.
-    if (absl::Status st = CheckCowSizeChunks(opts.size_cap, chunk); !st.ok())
+    if (absl::Status st = CheckCowSizeChunks(opts.size_cap, *chunk); !st.ok())
       return refuse(st);
-    if (absl::Status st = ctx.engine->CheckChunkBytes(name, chunk); !st.ok())
+    if (absl::Status st = ctx.engine->CheckChunkBytes(name, *chunk); !st.ok())
       return Err(st.message());
   }
   absl::StatusOr<std::unique_ptr<ExceptionStore>> store = OpenStoreFile(file, opts);

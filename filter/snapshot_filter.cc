@@ -184,6 +184,14 @@ int snapshot_config_complete(nbdkit_next_config_complete* next,
         nbdkit_error("%s", std::string(st.message()).c_str());
         return -1;
       }
+      // A new store's chunk size must fit the cap before its file is made
+      // or a header goes into it (an existing header is checked once open).
+      if (std::optional<uint64_t> chunk = NewStoreChunkBytes(spec.path, opts))
+        if (absl::Status st = CheckCowSizeChunks(opts.size_cap, *chunk); !st.ok()) {
+          nbdkit_error("snapshot=%s: %s", spec.path.c_str(),
+                       std::string(st.message()).c_str());
+          return -1;
+        }
       absl::StatusOr<std::unique_ptr<ExceptionStore>> store =
           OpenStoreFile(spec.path, opts);
       if (!store.ok()) {

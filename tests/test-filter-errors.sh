@@ -232,6 +232,17 @@ refused 'in use|twice|same' snapshot=a=$tmp/w.cow snapshot=b=$tmp/w.cow
 # A cap under 3 chunks of the default chunk size (4k).
 refused 'snapshot-cow-size' snapshot=a.cow snapshot-cow-size=8k
 rm -f a.cow
+# Without snapshot-chunk-size (64k chunks), for a missing file and an
+# all-zero one: refused before the file is made or written (before, the
+# new store's header went into it, and the missing file was left made).
+refused "snapshot=$tmp/none.cow: snapshot-cow-size=131072 is under 3 chunks of 65536" \
+    snapshot=$tmp/none.cow snapshot-cow-size=128k
+test ! -e none.cow
+rm -f blank.cow; truncate -s 1M blank.cow
+refused "snapshot=$tmp/blank.cow: snapshot-cow-size=131072 is under 3 chunks of 65536" \
+    snapshot=$tmp/blank.cow snapshot-cow-size=128k
+cmp blank.cow <(head -c 1M /dev/zero)
+rm -f blank.cow
 
 # A cap under 3 chunks of the chunk size in an existing header (64k).
 accepted snapshot=big=$tmp/big.cow snapshot-chunk-size=64k
