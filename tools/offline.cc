@@ -42,15 +42,6 @@ std::string Bytes(uint64_t n) {
   return absl::StrFormat("%d bytes", n);
 }
 
-
-absl::StatusOr<std::unique_ptr<BlockFile>> OpenInput(const std::string& path) {
-  struct stat st;
-  if (::stat(path.c_str(), &st) != 0)
-    return absl::ErrnoToStatus(errno, absl::StrFormat("cannot open %s", path));
-  if (absl::Status s = CheckStoreFileKind(path, st.st_mode); !s.ok()) return s;
-  return OpenPosixFile(path, OpenMode::kReadOnly);
-}
-
 struct Header {
   uint64_t file_size = 0;
   DiskHeader disk;
@@ -274,7 +265,7 @@ int Info(int argc, char** argv) {
   if (cl.args().size() != 1) return cl.UsageError("info needs exactly one FILE");
   const std::string& path = cl.args()[0];
 
-  absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenInput(path);
+  absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(path, OpenMode::kReadOnly);
   if (!file.ok()) return Fail(Message(file.status()));
   absl::StatusOr<Header> h = ReadHeader(**file);
   if (!h.ok()) return Fail(Message(h.status()));
@@ -340,7 +331,7 @@ int Check(int argc, char** argv) {
   if (cl.args().size() != 1) return cl.UsageError("check needs exactly one FILE");
   const std::string& path = cl.args()[0];
 
-  absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenInput(path);
+  absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(path, OpenMode::kReadOnly);
   if (!file.ok()) return Fail(Message(file.status()));
   absl::StatusOr<Header> h = ReadHeader(**file);
   if (!h.ok()) return Fail(Message(h.status()));
@@ -446,7 +437,7 @@ int Dump(int argc, char** argv) {
   if (cl.args().size() != 1) return cl.UsageError("dump needs exactly one FILE");
   const std::string& path = cl.args()[0];
 
-  absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenInput(path);
+  absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(path, OpenMode::kReadOnly);
   if (!file.ok()) return Fail(Message(file.status()));
   absl::StatusOr<Header> h = ReadHeader(**file);
   if (!h.ok()) return Fail(Message(h.status()));
@@ -468,7 +459,7 @@ int Dump(int argc, char** argv) {
     std::printf("# the snapshot is invalid: the kernel reads no exceptions from it\n");
     return kOk;
   }
-  file = OpenInput(path);
+  file = OpenPosixFile(path, OpenMode::kReadOnly);
   if (!file.ok()) return Fail(Message(file.status()));
   absl::StatusOr<CowScan> scan = ScanCow(**file, [&](const ScannedRecord& r) {
     // Of the records of a repeated chunk, the one dm (and the store) reads
