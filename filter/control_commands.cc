@@ -176,18 +176,28 @@ struct Command {
   const char* params;           // for the usage line
   size_t min_args, max_args;    // words after the name
   std::string (*run)(ControlContext&, const Words&);
+  bool changes;                 // changes the snapshots (not status or list)
 };
 
 constexpr Command kCommands[] = {
-    {"status", "", 0, 0, Status},
-    {"list", "", 0, 0, List},
-    {"take", " NAME FILE [CHUNK-SIZE] [P|PO|N]", 2, 4, Take},
-    {"drop", " NAME", 1, 1, Drop},
-    {"merge", " NAME", 1, 1, Merge},
+    {"status", "", 0, 0, Status, false},
+    {"list", "", 0, 0, List, false},
+    {"take", " NAME FILE [CHUNK-SIZE] [P|PO|N]", 2, 4, Take, true},
+    {"drop", " NAME", 1, 1, Drop, true},
+    {"merge", " NAME", 1, 1, Merge, true},
 };
 constexpr char kCommandNames[] = "use status, list, take, drop or merge";
 
 }  // namespace
+
+bool ControlCommandChanges(std::string_view line) {
+  std::vector<absl::string_view> w = absl::StrSplit(
+      absl::string_view(line.data(), line.size()), ' ', absl::SkipWhitespace());
+  if (w.empty()) return false;
+  for (const Command& c : kCommands)
+    if (w[0] == c.name) return c.changes;
+  return false;
+}
 
 std::string RunControlCommand(ControlContext& ctx, std::string_view line) {
   if (line.size() > kMaxControlLine) return Err("line too long");

@@ -34,4 +34,8 @@ inline constexpr size_t kMaxControlLine = 4096;
 // newline-terminated lines ending in "OK\n" or "ERR ...\n".
 std::string RunControlCommand(ControlContext& ctx, std::string_view line);
 
+// The line is a command that changes the snapshots (take, drop, merge):
+// these run one at a time, and may wait on the origin.
+bool ControlCommandChanges(std::string_view line);
+
 }  // namespace snap

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <system_error>
 #include <utility>
 
 #include "absl/strings/str_format.h"
@@ -87,6 +88,13 @@ void ControlServer::Start(ControlContext ctx) {
   context_ = g_main_context_new();
   loop_ = g_main_loop_new(context_, FALSE);
   ResumeAccept();
+  try {
+    changer_ = std::thread([this] { RunChanges(); });
+  } catch (const std::system_error&) {
+    // No thread to be had: changes run in the main loop, as they did.
+    LogMessage("control: no thread for take, drop and merge: they hold up "
+               "status and list while they run");
+  }
   thread_ = std::thread([this] {
     g_main_context_push_thread_default(context_);
     g_main_loop_run(loop_);
@@ -95,6 +103,14 @@ void ControlServer::Start(ControlContext ctx) {
 }
 
 void ControlServer::Stop() {
+  if (changer_.joinable()) {
+    {
+      snap::MutexLock l(&changes_mu_);
+      changes_stop_ = true;
+      changes_cv_.SignalAll();
+    }
+    changer_.join();
+  }
   if (thread_.joinable()) {
     g_main_loop_quit(loop_);
     g_main_context_wakeup(context_);
@@ -145,6 +161,7 @@ gboolean ControlServer::OnAccept(gint fd, GIOCondition, gpointer data) {
     try {
       auto client = std::make_unique<Client>();
       client->fd = c;
+      client->id = ++self->next_id_;
       Client& added = *client;
       self->clients_.emplace(c, std::move(client));
       self->Watch(added);
@@ -184,6 +201,11 @@ gboolean ControlServer::OnAccept(gint fd, GIOCondition, gpointer data) {
 }
 
 void ControlServer::Watch(Client& c) {
+  if (c.busy) {  // nothing is read or sent until its reply is back
+    DestroySource(c.source);
+    c.watching = static_cast<GIOCondition>(0);
+    return;
+  }
   int want = (c.eof ? 0 : G_IO_IN) | (c.out.empty() ? 0 : G_IO_OUT);
   if (c.source != nullptr && want == c.watching) return;
   DestroySource(c.source);
@@ -214,29 +236,88 @@ bool ControlServer::SendReplies(Client& c) {
 
 void ControlServer::RunLine(Client& c, std::string line) {
   if (!line.empty() && line.back() == '\r') line.pop_back();
-  c.out += RunControlCommand(ctx_, line);
+  if (!changer_.joinable() || !ControlCommandChanges(line)) {
+    c.out += RunControlCommand(ctx_, line);
+    return;
+  }
+  auto change = std::make_unique<Change>(Change{this, c.fd, c.id, std::move(line), {}});
+  {
+    snap::MutexLock l(&changes_mu_);
+    changes_.push_back(std::move(change));
+    changes_cv_.Signal();
+  }
+  c.busy = true;
+}
+
+void ControlServer::RunChanges() {
+  for (;;) {
+    std::unique_ptr<Change> change;
+    {
+      snap::MutexLock l(&changes_mu_);
+      while (changes_.empty() && !changes_stop_) changes_cv_.Wait(&changes_mu_);
+      if (changes_stop_) return;  // the clients are going too
+      change = std::move(changes_.front());
+      changes_.pop_front();
+    }
+    try {
+      change->reply = RunControlCommand(ctx_, change->line);
+    } catch (...) {  // out of memory
+      change->failed = true;
+    }
+    // Run in the main loop, which owns the clients; freed there, or when
+    // the loop's context goes if the server stops first.
+    g_main_context_invoke_full(
+        context_, G_PRIORITY_DEFAULT, OnChanged, change.release(),
+        [](gpointer p) { delete static_cast<Change*>(p); });
+  }
+}
+
+gboolean ControlServer::OnChanged(gpointer data) {
+  auto* change = static_cast<Change*>(data);
+  ControlServer* self = change->server;
+  auto it = self->clients_.find(change->fd);
+  // The client left while its command ran: the reply has nowhere to go.
+  if (it == self->clients_.end() || it->second->id != change->id)
+    return G_SOURCE_REMOVE;
+  Client& c = *it->second;
+  bool keep = !change->failed;
+  try {
+    c.busy = false;
+    c.out += change->reply;
+    if (keep) self->RunLines(c);  // the lines that waited behind it
+  } catch (...) {
+    keep = false;
+  }
+  self->Settle(c, keep, false);
+  return G_SOURCE_REMOVE;
 }
 
 bool ControlServer::ReadCommands(Client& c) {
   char buf[4096];
   ssize_t n = ::recv(c.fd, buf, sizeof buf, 0);
   if (n < 0) return errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK;
-  if (n == 0) {
-    // A last command without its newline still gets its reply.
+  if (n == 0)
     c.eof = true;
-    if (!c.in.empty() && !c.skipping) RunLine(c, std::exchange(c.in, {}));
-    return true;
-  }
-  c.in.append(buf, static_cast<size_t>(n));
-  for (;;) {
+  else
+    c.in.append(buf, static_cast<size_t>(n));
+  RunLines(c);
+  return true;
+}
+
+void ControlServer::RunLines(Client& c) {
+  while (!c.busy) {
     size_t nl = c.in.find('\n');
     if (nl == std::string::npos) {
-      if (c.in.size() > kMaxControlLine) {
+      if (c.eof) {
+        // A last command without its newline still gets its reply.
+        std::string last = std::exchange(c.in, {});
+        if (!last.empty() && !c.skipping) RunLine(c, std::move(last));
+      } else if (c.in.size() > kMaxControlLine) {
         if (!c.skipping) c.out += "ERR line too long\n";
         c.skipping = true;
         c.in.clear();
       }
-      return true;
+      return;
     }
     std::string line = c.in.substr(0, nl);
     c.in.erase(0, nl + 1);
@@ -253,24 +334,35 @@ gboolean ControlServer::OnClient(gint fd, GIOCondition cond, gpointer data) {
   auto it = self->clients_.find(fd);
   if (it == self->clients_.end()) return G_SOURCE_REMOVE;
   Client& c = *it->second;
+  GSource* before = c.source;
   bool keep = true;
   try {
     if (!c.eof && (cond & (G_IO_IN | G_IO_HUP | G_IO_ERR)) != 0) keep = self->ReadCommands(c);
-    if (keep) keep = self->SendReplies(c);
   } catch (...) {
     keep = false;  // out of memory: this client goes, the server stays
   }
-  // A hang-up with nothing left to read: the client is gone.
-  if (keep && c.eof && (c.out.empty() || (cond & (G_IO_HUP | G_IO_ERR)) != 0)) keep = false;
-  if (!keep) {
-    self->Drop(fd);
-    // A place is free: accept again if the cap or an error stopped it.
-    self->ResumeAccept();
+  if (!self->Settle(c, keep, (cond & (G_IO_HUP | G_IO_ERR)) != 0))
     return G_SOURCE_REMOVE;
-  }
-  GSource* before = c.source;
-  self->Watch(c);
   return c.source == before ? G_SOURCE_CONTINUE : G_SOURCE_REMOVE;
+}
+
+bool ControlServer::Settle(Client& c, bool keep, bool hung_up) {
+  try {
+    if (keep) keep = SendReplies(c);
+  } catch (...) {
+    keep = false;
+  }
+  // Done (end of file, every reply sent), or gone (a hang-up with nothing
+  // left to read); a client whose command still runs waits for its reply.
+  if (keep && c.eof && !c.busy && (c.out.empty() || hung_up)) keep = false;
+  if (!keep) {
+    Drop(c.fd);
+    // A place is free: accept again if the cap or an error stopped it.
+    ResumeAccept();
+    return false;
+  }
+  Watch(c);
+  return true;
 }
 
 void ControlServer::Drop(int fd) {

@@ -1,13 +1,20 @@
 // snapshot-control=SOCKET: a Unix socket (mode 0600) served by a GLib main
 // loop in its own thread; each line is a command for RunControlCommand.
+// Commands that change the snapshots (take, drop, merge) run one at a time
+// in a second thread: a take waits for the origin's queued writes, and
+// status and list from other clients are answered meanwhile.
 #pragma once
 
 #include <glib.h>
 
+#include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <string>
 #include <thread>
+
+#include "store/sync.h"
 
 #include "absl/status/status.h"
 #include "filter/control_commands.h"
@@ -41,10 +48,14 @@ class ControlServer {
  private:
   struct Client {
     int fd = -1;
+    uint64_t id = 0;  // fds are reused: a reply finds its client by both
     std::string in;
     std::string out;        // replies the client has not read yet
     bool skipping = false;  // inside an overlong line
     bool eof = false;       // the client sent all it will send
+    // A command runs in the changer thread: the client's later lines wait
+    // unread, so replies keep their order and its input stays bounded.
+    bool busy = false;
     GSource* source = nullptr;
     GIOCondition watching = static_cast<GIOCondition>(0);
   };
@@ -56,10 +67,28 @@ class ControlServer {
   void PauseAccept();
   void ResumeAccept();
   static gboolean OnClient(gint fd, GIOCondition cond, gpointer self);
-  // Reads what the client sent and runs each complete line (and, at end
-  // of file, an unterminated last one). False: drop the client.
+  // Reads what the client sent and runs its lines. False: drop the client.
   bool ReadCommands(Client& c);
+  // Runs each complete line (and, at end of file, an unterminated last
+  // one) until one goes to the changer thread.
+  void RunLines(Client& c);
   void RunLine(Client& c, std::string line);
+  // After input or a reply: sends what waits, drops a client that is done
+  // or gone, watches the rest. False: the client was dropped.
+  bool Settle(Client& c, bool keep, bool hung_up);
+  // The changer thread: runs queued commands in order, and hands each
+  // reply back to the main loop (OnChanged).
+  void RunChanges();
+  // A command for the changer thread, and its reply for the client.
+  struct Change {
+    ControlServer* server;
+    int fd;
+    uint64_t id;
+    std::string line;
+    std::string reply;
+    bool failed = false;  // no reply could be made: the client is dropped
+  };
+  static gboolean OnChanged(gpointer change);
   // Sends what it can without blocking. False: drop the client.
   bool SendReplies(Client& c);
   // Watches for input until end of file, for output while replies wait.
@@ -77,6 +106,13 @@ class ControlServer {
   bool accept_failing_ = false;       // logged once per spell of errors
   std::thread thread_;
   std::map<int, std::unique_ptr<Client>> clients_;
+  uint64_t next_id_ = 0;
+
+  snap::Mutex changes_mu_;
+  snap::CondVar changes_cv_;
+  std::deque<std::unique_ptr<Change>> changes_ ABSL_GUARDED_BY(changes_mu_);
+  bool changes_stop_ ABSL_GUARDED_BY(changes_mu_) = false;
+  std::thread changer_;
 };
 
 }  // namespace snap
