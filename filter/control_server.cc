@@ -201,12 +201,9 @@ gboolean ControlServer::OnAccept(gint fd, GIOCondition, gpointer data) {
 }
 
 void ControlServer::Watch(Client& c) {
-  if (c.busy) {  // nothing is read or sent until its reply is back
-    DestroySource(c.source);
-    c.watching = static_cast<GIOCondition>(0);
-    return;
-  }
-  int want = (c.eof ? 0 : G_IO_IN) | (c.out.empty() ? 0 : G_IO_OUT);
+  // Nothing is read or sent until a command's reply is back, but a client
+  // that hangs up meanwhile must not keep its place (and fd) till then.
+  int want = c.busy ? 0 : (c.eof ? 0 : G_IO_IN) | (c.out.empty() ? 0 : G_IO_OUT);
   if (c.source != nullptr && want == c.watching) return;
   DestroySource(c.source);
   c.watching = static_cast<GIOCondition>(want);
@@ -334,6 +331,12 @@ gboolean ControlServer::OnClient(gint fd, GIOCondition cond, gpointer data) {
   auto it = self->clients_.find(fd);
   if (it == self->clients_.end()) return G_SOURCE_REMOVE;
   Client& c = *it->second;
+  // Only a hang-up wakes a busy client: its command runs on, and the reply
+  // finds no client with its id.
+  if (c.busy) {
+    self->Settle(c, false, true);
+    return G_SOURCE_REMOVE;
+  }
   GSource* before = c.source;
   bool keep = true;
   try {

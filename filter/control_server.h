@@ -55,6 +55,7 @@ class ControlServer {
     bool eof = false;       // the client sent all it will send
     // A command runs in the changer thread: the client's later lines wait
     // unread, so replies keep their order and its input stays bounded.
+    // Only a hang-up is watched for meanwhile.
     bool busy = false;
     GSource* source = nullptr;
     GIOCondition watching = static_cast<GIOCondition>(0);
@@ -91,7 +92,8 @@ class ControlServer {
   static gboolean OnChanged(gpointer change);
   // Sends what it can without blocking. False: drop the client.
   bool SendReplies(Client& c);
-  // Watches for input until end of file, for output while replies wait.
+  // Watches for input until end of file, for output while replies wait;
+  // for a hang-up alone while a command runs.
   void Watch(Client& c);
   void Drop(int fd);
 

@@ -6,7 +6,8 @@
 # the copy-out's read) left `nbdsnap status` hanging for every client.
 # Also: a client's own lines keep their order behind its take; a second
 # change waits for the first; a client that leaves while its take runs
-# loses only the reply, and the take still happens.
+# loses only the reply, and the take still happens; its place is free at
+# once (the cap is 32 clients).
 source "$srcdir/functions.sh"
 set -e
 set -x
@@ -55,18 +56,21 @@ def nothing_yet(s):
         s.setblocking(True); s.settimeout(30)
 
 pause = connect(tmp + "/pause")
-pause.sendall(b"p"); assert pause.recv(1) == b"P"
 
-# An origin write: its copy-out to s1 reads the old chunk, and that read
-# hangs at the pause filter, holding the origin.
-writer = subprocess.Popen(
-    ["nbdsh", "-u", "nbd+unix:///origin?socket=%s/sock" % tmp,
-     "-c", "h.pwrite(b'\\xaa' * 4096, 65536)"])
-for _ in range(600):
-    if re.search(r"Read .*offset=0x10000 ", open(tmp + "/log").read()): break
-    time.sleep(0.05)
-else:
+def stuck_write(offset):
+    """An origin write: its copy-out to the snapshots reads the old chunk,
+    and that read hangs at the pause filter, holding the origin."""
+    pause.sendall(b"p"); assert pause.recv(1) == b"P"
+    writer = subprocess.Popen(
+        ["nbdsh", "-u", "nbd+unix:///origin?socket=%s/sock" % tmp,
+         "-c", "h.pwrite(b'\\xaa' * 4096, %d)" % offset])
+    for _ in range(600):
+        if re.search(r"Read .*offset=%#x " % offset, open(tmp + "/log").read()):
+            return writer
+        time.sleep(0.05)
     raise AssertionError("the copy-out's read never reached the origin")
+
+writer = stuck_write(65536)
 
 # take waits for the write; the list after it, on the same connection,
 # waits for the take.
@@ -105,6 +109,42 @@ assert r.startswith("t2: ") and r.endswith("OK\n"), r
 b.sendall(b"list\n")
 names = sorted(l.split()[0] for l in reply(b).splitlines()[:-1])
 assert names == ["s1", "t1", "t2", "t3"], names
+
+# A client that leaves while its take waits gives back its place at once.
+# Before, it held it until its reply, so with the origin stuck, 30 such
+# clients (with b and u0's: the cap of 32) left `status` from e waiting.
+# Their takes still run, and their replies go nowhere: not to e, which
+# gets one of their file descriptors.
+a.close(); c.close()
+writer = stuck_write(131072)
+u0 = connect(tmp + "/ctl")
+u0.sendall(("take u0 %s/u0.cow\n" % tmp).encode())
+for i in range(1, 31):
+    u = connect(tmp + "/ctl")
+    u.sendall(("take u%d %s/u%d.cow\n" % (i, tmp, i)).encode())
+    time.sleep(0.02)  # read, and queued, before it leaves
+    u.close()
+e = connect(tmp + "/ctl"); e.settimeout(10)
+e.sendall(b"status\n")
+try:
+    st = reply(e)
+except socket.timeout:
+    raise AssertionError("status unanswered: clients that left hold every place")
+assert re.search(r"^s1: ", st, re.M), st
+assert writer.poll() is None, "the origin write finished while paused"
+pause.sendall(b"r"); assert pause.recv(1) == b"R"
+assert writer.wait(60) == 0
+r = reply(u0)
+assert re.match(r"u0: \d+/\d+ \d+\nOK\n$", r), r
+want = {"s1", "t1", "t2", "t3"} | {"u%d" % i for i in range(31)}
+for _ in range(600):
+    e.sendall(b"list\n")
+    ls = reply(e)
+    assert ls.startswith("s1 "), ls
+    names = {l.split()[0] for l in ls.splitlines()[:-1]}
+    if names == want: break
+    time.sleep(0.1)
+assert names == want, ls
 PY
 
 # The write reached the origin before t1 was taken, and after s1 was:
