@@ -106,9 +106,19 @@ assert re.search(r"^t1 %s/t1.cow P 4096 " % re.escape(tmp), ls, re.M), ls
 r = reply(c)
 assert r.startswith("t2: ") and r.endswith("OK\n"), r
 
-b.sendall(b"list\n")
-names = sorted(l.split()[0] for l in reply(b).splitlines()[:-1])
-assert names == ["s1", "t1", "t2", "t3"], names
+def wait_listed(s, want):
+    """Lists on s until the snapshots are want: a queued take of a client
+    that left runs after the replies the test waits for."""
+    for _ in range(600):
+        s.sendall(b"list\n")
+        ls = reply(s)
+        assert ls.startswith("s1 "), ls
+        names = {l.split()[0] for l in ls.splitlines()[:-1]}
+        if names == want: return
+        time.sleep(0.1)
+    raise AssertionError("listed %s, not %s" % (sorted(names), sorted(want)))
+
+wait_listed(b, {"s1", "t1", "t2", "t3"})
 
 # A client that leaves while its take waits gives back its place at once.
 # Before, it held it until its reply, so with the origin stuck, 30 such
@@ -136,15 +146,7 @@ pause.sendall(b"r"); assert pause.recv(1) == b"R"
 assert writer.wait(60) == 0
 r = reply(u0)
 assert re.match(r"u0: \d+/\d+ \d+\nOK\n$", r), r
-want = {"s1", "t1", "t2", "t3"} | {"u%d" % i for i in range(31)}
-for _ in range(600):
-    e.sendall(b"list\n")
-    ls = reply(e)
-    assert ls.startswith("s1 "), ls
-    names = {l.split()[0] for l in ls.splitlines()[:-1]}
-    if names == want: break
-    time.sleep(0.1)
-assert names == want, ls
+wait_listed(e, {"s1", "t1", "t2", "t3"} | {"u%d" % i for i in range(31)})
 PY
 
 # The write reached the origin before t1 was taken, and after s1 was:
