@@ -103,6 +103,13 @@ void ControlServer::Start(ControlContext ctx) {
 }
 
 void ControlServer::Stop() {
+  // The loop first: it reads changer_ (RunLine) and queues changes. A
+  // reply the changer hands over after that is freed with the context.
+  if (thread_.joinable()) {
+    g_main_loop_quit(loop_);
+    g_main_context_wakeup(context_);
+    thread_.join();
+  }
   if (changer_.joinable()) {
     {
       snap::MutexLock l(&changes_mu_);
@@ -110,11 +117,6 @@ void ControlServer::Stop() {
       changes_cv_.SignalAll();
     }
     changer_.join();
-  }
-  if (thread_.joinable()) {
-    g_main_loop_quit(loop_);
-    g_main_context_wakeup(context_);
-    thread_.join();
   }
   while (!clients_.empty()) Drop(clients_.begin()->first);
   PauseAccept();
