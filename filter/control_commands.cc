@@ -25,6 +25,8 @@ std::string Err(absl::string_view why) {
 
 using Words = std::vector<std::string>;
 
+constexpr char kTakeParams[] = " NAME FILE [CHUNK-SIZE] [P|PO|N]";
+
 std::string Status(ControlContext& ctx, const Words&) {
   std::string out;
   std::string merge = ctx.merge->Describe();
@@ -75,16 +77,20 @@ std::string Take(ControlContext& ctx, const Words& w) {
           "%s is already snapshot '%s': each snapshot needs its own COW file",
           file, s->name));
   StoreOptions opts = ctx.defaults;
-  if (w.size() >= 4) {
-    absl::StatusOr<uint32_t> cs = ParseChunkSize(w[3]);
+  // Either optional word may be left out: no store type is a size, so
+  // "take NAME FILE N" keeps the default chunk size.
+  size_t next = 3;
+  if (next < w.size() && !ParseStoreType(w[next]).ok()) {
+    absl::StatusOr<uint32_t> cs = ParseChunkSize(w[next++]);
     if (!cs.ok()) return Err(cs.status().message());
     opts.chunk_sectors = *cs;
   }
-  if (w.size() == 5) {
-    absl::StatusOr<StoreType> t = ParseStoreType(w[4]);
+  if (next < w.size()) {
+    absl::StatusOr<StoreType> t = ParseStoreType(w[next++]);
     if (!t.ok()) return Err(t.status().message());
     opts.type = *t;
   }
+  if (next < w.size()) return Err(absl::StrCat("usage: take", kTakeParams));
   if (opts.type == StoreType::kTransient && opts.chunk_sectors == 0)
     opts.chunk_sectors = kDefaultChunkSectors;
   auto refuse = [&](const absl::Status& st) {
@@ -182,7 +188,7 @@ struct Command {
 constexpr Command kCommands[] = {
     {"status", "", 0, 0, Status, false},
     {"list", "", 0, 0, List, false},
-    {"take", " NAME FILE [CHUNK-SIZE] [P|PO|N]", 2, 4, Take, true},
+    {"take", kTakeParams, 2, 4, Take, true},
     {"drop", " NAME", 1, 1, Drop, true},
     {"merge", " NAME", 1, 1, Merge, true},
 };

@@ -136,6 +136,7 @@ ctl_err usage take t2 "$tmp/t2.cow" 64k P extra
 ctl_err '' take t2 "$tmp/t2.cow" 3000
 ctl_err '' take t2 "$tmp/t2.cow" 2g
 ctl_err '' take t2 "$tmp/t2.cow" 64k Q
+ctl_err usage take t2 "$tmp/t2.cow" P 64k
 ctl_err '' take 'bad/name' "$tmp/t2.cow"
 ctl list | tee list.out
 absent '^t2 ' list.out
@@ -148,7 +149,11 @@ fi
 ctl take t3 "$tmp/t3.cow" 16k PO
 ctl take t4 "$tmp/t4.cow" 64k N
 ctl take t5 "$tmp/t5.cow" 8k
+# A store type alone, as the usage [CHUNK-SIZE] [P|PO|N] allows: the
+# default chunk size (before: "'po' is not a size").
+ctl take t7 "$tmp/t7.cow" po
 ctl list | tee list.out
+grep -q "^t7 $tmp/t7.cow PO 4096 " list.out
 grep -q "^t1 $tmp/t1.cow P 4096 " list.out
 grep -q "^t3 $tmp/t3.cow PO 16384 " list.out
 grep -q "^t4 $tmp/t4.cow N 65536 " list.out

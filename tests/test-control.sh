@@ -94,6 +94,10 @@ rc=0; "$NBDSNAP" -c ctl take t4 t4.cow --chunk-size 64k --store $'P\ndrop t1' 2>
 "$NBDSNAP" -c ctl take t3 t3.cow --chunk-size 64k --store N
 "$NBDSNAP" -c ctl list | tee list.txt
 grep -q "^t3 $tmp/t3.cow N 65536 " list.txt
+# --store alone keeps nbdkit's chunk size (before: a usage error).
+"$NBDSNAP" -c ctl take t5 t5.cow --store PO
+"$NBDSNAP" -c ctl list | grep -q "^t5 $tmp/t5.cow PO 4096 "
+"$NBDSNAP" -c ctl drop t5
 "$NBDSNAP" -c ctl status --json | python3 -c '
 import json, sys
 j = json.load(sys.stdin)

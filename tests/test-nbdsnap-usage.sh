@@ -65,7 +65,6 @@ usage_error -c
 usage_error -c sock
 usage_error -c sock bogus
 usage_error -c sock take onlyname
-usage_error -c sock take n f --store N
 usage_error -c sock status extra
 usage_error status
 grep -q "'status' is a live command: nbdsnap -c SOCKET status" err

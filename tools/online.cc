@@ -163,7 +163,7 @@ int RunOnline(const char* socket_path, int argc, char** argv) {
   if (cmd == "status") cl.AddFlag("json", "Print one JSON object");
   if (cmd == "take") {
     cl.AddString("chunk-size", "SIZE", "Chunk size (default: nbdkit's snapshot-chunk-size)");
-    cl.AddString("store", "TYPE", "P, PO or N (needs --chunk-size)");
+    cl.AddString("store", "TYPE", "P, PO or N (default: nbdkit's snapshot-store)");
   }
   if (cmd == "merge") cl.AddFlag("wait", "Wait for the end, showing progress");
   if (std::optional<int> rc = cl.Parse(argc, argv)) return *rc;
@@ -186,7 +186,6 @@ int RunOnline(const char* socket_path, int argc, char** argv) {
     if (args.size() != 2) return cl.UsageError("take needs NAME FILE");
     const std::optional<std::string> chunk = cl.string("chunk-size");
     const std::optional<std::string> store = cl.string("store");
-    if (!chunk && store) return cl.UsageError("--store needs --chunk-size too");
     // The server resolves nothing against our working directory.
     std::error_code ec;
     std::filesystem::path file = std::filesystem::absolute(args[1], ec);
