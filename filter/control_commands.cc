@@ -97,7 +97,9 @@ std::string Take(ControlContext& ctx, const Words& w) {
     return Err(absl::StrCat(file, ": ", st.message()));
   };
   struct stat sb;
-  const bool existed = ::stat(file.c_str(), &sb) == 0;
+  // lstat: a dangling symlink (which the open refuses) is the user's, not
+  // a file this take made and may remove.
+  const bool existed = ::lstat(file.c_str(), &sb) == 0;
   // A file without a store yet (missing, empty or all zero) gets the chunk
   // size asked for: whatever refuses that is checked before a header goes
   // into it, so a refused take leaves the file as it was.

@@ -130,6 +130,11 @@ head -c 1M /dev/urandom > random.bin
 sha_random=$(sha256sum < random.bin)
 ctl_err '' take t2 "$tmp/random.bin"
 [ "$(sha256sum < random.bin)" = "$sha_random" ]
+# A dangling symlink is refused and left alone (before: the failed take
+# removed it, as if it had made it).
+ln -s nowhere.cow dangling.cow
+ctl_err 'No such file' take t2 "$tmp/dangling.cow"
+[ -L dangling.cow ]
 ctl_err usage take
 ctl_err usage take t2
 ctl_err usage take t2 "$tmp/t2.cow" 64k P extra
