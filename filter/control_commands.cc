@@ -157,6 +157,10 @@ std::string Merge(ControlContext& ctx, const Words& w) {
   std::shared_ptr<Snapshot> s = ctx.engine->Find(w[1]);
   if (!s) return Err(absl::StrFormat("no snapshot named %s", w[1]));
   if (ctx.merge->failed()) return Err(ctx.merge->Describe());
+  // Asked again for the merge that runs: its progress, as the first reply
+  // gave it, so that nbdsnap merge NAME --wait can wait for it.
+  if (ctx.merge->running() && ctx.engine->merging() == s)
+    return absl::StrFormat("%s\nOK\n", ctx.merge->Describe());
   if (ctx.merge->running() || ctx.engine->merging())
     return Err(absl::StrFormat("%s; only one merge per origin",
                                ctx.merge->Describe()));

@@ -138,6 +138,15 @@ wait $holder
 
 ctl merge m1 | tee merge.out
 grep -q 'merging m1' merge.out
+# Asked again, the running merge replies with its progress, so that
+# nbdsnap merge --wait can wait for a merge already started (before:
+# "merging m1, N%; only one merge per origin", and --wait exited 1).
+ctl merge m1 | grep -q '^merging m1, '
+waiter=
+if [ -x "$NBDSNAP" ]; then
+  "$NBDSNAP" -c "$tmp/ctl" merge m1 --wait > wait.out &
+  waiter=$!
+fi
 # While it runs: refusals, status, and the export list.
 ctl_err 'm1 is merging' take late "$tmp/late.cow"
 test ! -e late.cow
@@ -154,6 +163,7 @@ nbdcopy "$uri" during.img
 cmp m1.img during.img
 wait_merged m1
 cat status.out
+if [ -n "$waiter" ]; then wait $waiter; grep -q 'merge complete' wait.out; fi
 absent '^m1' status.out
 ctl list > list.out; absent '^m1 ' list.out
 [ "$(exports)" = "origin other trans" ]
