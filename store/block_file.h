@@ -35,6 +35,9 @@ class BlockFile {
   }
   // Gives back what Reserve set aside past the end of the file.
   virtual void ReleaseReserve() {}
+  // Whether disk space is allocated past the end (best effort: holes in a
+  // sparse file can hide it), as a killed process leaves its reserve.
+  virtual bool HoldsSpacePastEnd() { return false; }
   // Best effort: turns the range into zeros, freeing space where it can.
   virtual absl::Status ZeroRange(uint64_t offset, uint64_t length) = 0;
   // Takes an exclusive lock for the life of the object, so that one

@@ -279,6 +279,9 @@ absl::Status PersistentStore::Load(const StoreOptions& opts) {
     if (absl::Status st = UseDmRepeatTargets(); !st.ok()) return st;
   table_.FitToSize();
   file_size_ = size_at_open_ = scan->file_size;
+  // What a killed nbdkit had set aside past the end goes back now, as a
+  // clean stop would have given it back (no writer yet: the lock is ours).
+  if (!read_only_ && file_->HoldsSpacePastEnd()) file_->ReleaseReserve();
   if (scan->is_new) {
     if (read_only_)
       return absl::NotFoundError(absl::StrFormat(

@@ -119,6 +119,15 @@ class PosixFile final : public BlockFile {
       (void)::ftruncate(fd_, st.st_size);
   }
 
+  bool HoldsSpacePastEnd() override {
+    struct stat st;
+    if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode) || st.st_blksize <= 0)
+      return false;
+    const uint64_t bs = static_cast<uint64_t>(st.st_blksize);
+    const uint64_t in_size = (static_cast<uint64_t>(st.st_size) + bs - 1) / bs * bs;
+    return uint64_t{512} * static_cast<uint64_t>(st.st_blocks) > in_size;
+  }
+
   absl::Status ZeroRange(uint64_t offset, uint64_t length) override {
     if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                     static_cast<off_t>(offset), static_cast<off_t>(length)) == 0)
