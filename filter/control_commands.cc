@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "absl/cleanup/cleanup.h"
@@ -200,15 +201,21 @@ constexpr Command kCommands[] = {
 };
 constexpr char kCommandNames[] = "use status, list, take, drop or merge";
 
+// The command a line starts with, or null.
+const Command* FindCommand(absl::string_view first_word) {
+  for (const Command& c : kCommands)
+    if (first_word == c.name) return &c;
+  return nullptr;
+}
+
 }  // namespace
 
 bool ControlCommandChanges(std::string_view line) {
-  std::vector<absl::string_view> w = absl::StrSplit(
-      absl::string_view(line.data(), line.size()), ' ', absl::SkipWhitespace());
-  if (w.empty()) return false;
-  for (const Command& c : kCommands)
-    if (w[0] == c.name) return c.changes;
-  return false;
+  // The first word as RunControlCommand splits it (at spaces).
+  absl::string_view rest(line.data(), line.size());
+  rest.remove_prefix(std::min(rest.find_first_not_of(' '), rest.size()));
+  const Command* c = FindCommand(rest.substr(0, rest.find(' ')));
+  return c != nullptr && c->changes;
 }
 
 std::string RunControlCommand(ControlContext& ctx, std::string_view line) {
@@ -217,12 +224,11 @@ std::string RunControlCommand(ControlContext& ctx, std::string_view line) {
       absl::StrSplit(absl::string_view(line.data(), line.size()), ' ',
                      absl::SkipWhitespace());
   if (w.empty()) return Err(absl::StrCat("empty command: ", kCommandNames));
-  for (const Command& c : kCommands) {
-    if (w[0] != c.name) continue;
-    if (w.size() - 1 < c.min_args || w.size() - 1 > c.max_args)
-      return Err(absl::StrCat("usage: ", c.name, c.params));
+  if (const Command* c = FindCommand(w[0])) {
+    if (w.size() - 1 < c->min_args || w.size() - 1 > c->max_args)
+      return Err(absl::StrCat("usage: ", c->name, c->params));
     try {
-      return c.run(ctx, w);
+      return c->run(ctx, w);
     } catch (const std::exception& e) {
       return Err(absl::StrCat("internal error: ", e.what()));
     }
